@@ -1,0 +1,339 @@
+"""A decoder-only transformer as pure functions: GPT-2 and the Llama family are config switches of one model.
+
+Read it top to bottom: the parameter layout and its initialisation, then the pieces of a block (normalisation,
+rotary positions, grouped-query attention, the MLP), the block, and the model (`trunk` + `apply`).
+
+Shapes are in the names: B batch, T query time, S key time, D model width, V vocabulary, L layers, H query heads,
+K key/value heads, G = H // K query heads per K/V head, E head dim, F MLP hidden width.
+
+Layer parameters are stacked along a leading L axis, so the layers can run under `lax.scan` (one compiled block,
+fast compiles for deep models) or a Python loop (measured faster for small models on CPU).
+
+The Q, K and V projections are one weight `w_qkv` of shape [D, K, G + 2, E]: for each K/V head, its G query heads,
+then its key, then its value. One matmul computes all three, grouped-query attention needs no repeated K/V, and
+splitting the K axis over devices keeps every query head with its K/V head (tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its shape, the logical name of each axis (for sharding) and how it is initialised."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # normal | residual (GPT-2's 1/sqrt(2·n_layer)-scaled normal) | zeros | ones
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The parameter tree of `cfg` as `ParamSpec`s: `init` materialises it, `llmjax.sharding` shards it by name."""
+    L, D, V, F = cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.hidden_dim
+    H, K, E = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    G = H // K
+
+    def norm(*lead: int) -> Params:
+        lead_axes = ("layers",) * len(lead)
+        spec = {"scale": ParamSpec((*lead, D), (*lead_axes, "embed"), "ones")}
+        if cfg.bias and cfg.norm == "layernorm":
+            spec["bias"] = ParamSpec((*lead, D), (*lead_axes, "embed"), "zeros")
+        return spec
+
+    blocks: Params = {
+        "attn_norm": norm(L),
+        "w_qkv": ParamSpec((L, D, K, G + 2, E), ("layers", "embed", "kv_heads", None, "head_dim"), "normal"),
+        "w_o": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), "residual"),
+        "mlp_norm": norm(L),
+        "w_in": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_out": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "residual"),
+    }
+    if cfg.mlp == "swiglu":
+        blocks["w_gate"] = ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal")
+    if cfg.bias:
+        blocks["b_qkv"] = ParamSpec((L, K, G + 2, E), ("layers", "kv_heads", None, "head_dim"), "zeros")
+        blocks["b_o"] = ParamSpec((L, D), ("layers", "embed"), "zeros")
+        blocks["b_in"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
+        blocks["b_out"] = ParamSpec((L, D), ("layers", "embed"), "zeros")
+
+    specs: Params = {"wte": ParamSpec((V, D), ("vocab", "embed"), "normal"), "blocks": blocks, "final_norm": norm()}
+    if cfg.position == "learned":
+        specs["wpe"] = ParamSpec((cfg.block_size, D), (None, "embed"), "normal")
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter, in the same tree as `init`'s output."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Fresh parameters: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2·n_layer) (GPT-2), unit norms."""
+    specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
+    dtype = jnp.dtype(cfg.param_dtype)
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+
+    def make(i: int, spec: ParamSpec) -> jax.Array:
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        std = residual_std if spec.init == "residual" else cfg.init_std
+        return (std * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(i, s) for i, s in enumerate(specs)])
+
+
+def count_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of a block
+
+
+def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, n_contract: int = 1) -> jax.Array:
+    """Contract the last `n_contract` axes of `x` with the first ones of `w`, in FP8 when `cfg.matmul == "fp8"`."""
+    w = w.astype(x.dtype)
+    if cfg.matmul == "fp8":
+        from kernels_pallas.fp8_matmul import fp8_dot
+
+        lead, k = x.shape[: x.ndim - n_contract], math.prod(w.shape[:n_contract])
+        y = fp8_dot(x.reshape(-1, k), w.reshape(k, -1), out_dtype=x.dtype)
+        return y.reshape(*lead, *w.shape[n_contract:])
+    return jnp.tensordot(x, w, axes=n_contract)
+
+
+def normalize(x_BTD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 for stability."""
+    x = x_BTD.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x_BTD.dtype)
+
+
+def rotary(x: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """RoPE: rotate pairs (x_i, x_{i+E/2}) by angle position·theta^(-2i/E), so q·k depends only on their offset."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTE = positions_BT[..., None].astype(jnp.float32) * freqs
+    angle = angle_BTE.reshape(*angle_BTE.shape[:2], *(1,) * (x.ndim - 3), half)  # broadcast over head axes
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_mask(T: int, S: int, sliding_window: int | None) -> jax.Array:
+    """mask_TS[t, s]: query t (the last T of S positions) may attend key s."""
+    q_pos = jnp.arange(T)[:, None] + (S - T)
+    k_pos = jnp.arange(S)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention(
+    q_BTKGE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    mask_BTS: jax.Array | None,
+    cfg: ModelConfig,
+    key: jax.Array | None,
+) -> jax.Array:
+    """Softmax(q·kᵀ/sqrt(E))·v with G query heads sharing each K/V head; `mask_BTS=None` means plain causal."""
+    B, T, K, G, E = q_BTKGE.shape
+    if cfg.attention == "pallas" and mask_BTS is None:
+        from kernels_pallas.flash_attention import flash_attention
+
+        o_BTHE = flash_attention(
+            q_BTKGE.reshape(B, T, K * G, E), k_BSKE, v_BSKE, causal=True, sliding_window=cfg.sliding_window
+        )
+        return o_BTHE.reshape(B, T, K, G, E)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKGTS / math.sqrt(E)
+    if mask_BTS is None:
+        mask_BTS = causal_mask(T, k_BSKE.shape[1], cfg.sliding_window)[None]
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -1e30)
+    probs_BKGTS = dropout(jax.nn.softmax(scores_BKGTS, axis=-1), cfg.dropout, key).astype(v_BSKE.dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+
+
+def mlp(x_BTD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
+    """GELU MLP (GPT-2) or SwiGLU (Llama: silu(x·W_gate) ⊙ x·W_in)."""
+    h_BTF = linear(x_BTD, p["w_in"], cfg)
+    if "b_in" in p:
+        h_BTF = h_BTF + p["b_in"].astype(h_BTF.dtype)
+    if cfg.mlp == "swiglu":
+        h_BTF = jax.nn.silu(linear(x_BTD, p["w_gate"], cfg)) * h_BTF
+    else:
+        h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+    out_BTD = linear(h_BTF, p["w_out"], cfg)
+    return out_BTD + p["b_out"].astype(out_BTD.dtype) if "b_out" in p else out_BTD
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The block and the model
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every layer sees besides its own params: positions, the attention mask and where the cache is written."""
+
+    positions_BT: jax.Array
+    mask_BTS: jax.Array | None
+    cache_index: jax.Array | None
+
+
+def block(
+    x_BTD: jax.Array,
+    p: Params,
+    cache: Cache | None,
+    key: jax.Array | None,
+    ctx: Context,
+    cfg: ModelConfig,
+) -> tuple[jax.Array, Cache | None]:
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). Returns the layer's updated KV cache."""
+    keys = jax.random.split(key, 3) if key is not None else (None, None, None)
+    B, T, _ = x_BTD.shape
+    G = cfg.n_head // cfg.kv_heads
+
+    h_BTD = normalize(x_BTD, p["attn_norm"], cfg)
+    qkv_BTKCE = linear(h_BTD, p["w_qkv"], cfg)  # C = G + 2: the queries, the key, the value of each K/V head
+    if "b_qkv" in p:
+        qkv_BTKCE = qkv_BTKCE + p["b_qkv"].astype(qkv_BTKCE.dtype)
+    q_BTKGE, k_BTKE, v_BTKE = qkv_BTKCE[..., :G, :], qkv_BTKCE[..., G, :], qkv_BTKCE[..., G + 1, :]
+    if cfg.position == "rope":
+        q_BTKGE = rotary(q_BTKGE, ctx.positions_BT, cfg.rope_theta)
+        k_BTKE = rotary(k_BTKE, ctx.positions_BT, cfg.rope_theta)
+    if cache is not None:
+        start = (0, ctx.cache_index, 0, 0)
+        cache = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), start),
+        }
+        k_BTKE, v_BTKE = cache["k"].astype(x_BTD.dtype), cache["v"].astype(x_BTD.dtype)
+    o_BTKGE = attention(q_BTKGE, k_BTKE, v_BTKE, ctx.mask_BTS, cfg, keys[0])
+    attn_BTD = linear(o_BTKGE.reshape(B, T, cfg.n_head, cfg.head_dim), p["w_o"], cfg, n_contract=2)
+    if "b_o" in p:
+        attn_BTD = attn_BTD + p["b_o"].astype(attn_BTD.dtype)
+    x_BTD = x_BTD + dropout(attn_BTD, cfg.dropout, keys[1])
+
+    mlp_BTD = mlp(normalize(x_BTD, p["mlp_norm"], cfg), p, cfg)
+    return x_BTD + dropout(mlp_BTD, cfg.dropout, keys[2]), cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def trunk(
+    params: Params,
+    tokens_BT: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions_BT: jax.Array | None = None,
+    mask_BTS: jax.Array | None = None,
+    cache: Cache | None = None,
+    cache_index: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, Cache | None]:
+    """Embed, run the layers, final norm: hidden states h_BTD (compute dtype) and the updated KV cache.
+
+    Training calls it with tokens only (causal mask, positions 0..T-1). Decoding passes explicit positions, a mask
+    over cache slots and a per-layer cache of shape [L, B, S, K, E] written at `cache_index`.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x_BTD = params["wte"][tokens_BT].astype(dtype)
+    if cfg.position == "learned":
+        x_BTD = x_BTD + params["wpe"][positions_BT].astype(dtype)
+    drop_key, layers_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    x_BTD = dropout(x_BTD, cfg.dropout, drop_key)
+
+    ctx = Context(positions_BT, mask_BTS, cache_index)
+    layer_keys = jax.random.split(layers_key, cfg.n_layer) if layers_key is not None else None
+
+    def layer(x: jax.Array, p: Params, c: Cache | None, k: jax.Array | None) -> tuple[jax.Array, Cache | None]:
+        return block(x, p, c, k, ctx, cfg)
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+
+    if cfg.scan_layers:
+        def scan_body(x: jax.Array, xs: tuple) -> tuple[jax.Array, Cache | None]:
+            return layer(x, *xs)
+
+        x_BTD, cache = jax.lax.scan(scan_body, x_BTD, (params["blocks"], cache, layer_keys))
+    else:
+        new_caches = []
+        for i in range(cfg.n_layer):
+            p_i, cache_i = jax.tree.map(lambda a, i=i: a[i], (params["blocks"], cache))
+            x_BTD, c = layer(x_BTD, p_i, cache_i, None if layer_keys is None else layer_keys[i])
+            new_caches.append(c)
+        if cache is not None:
+            cache = jax.tree.map(lambda *cs: jnp.stack(cs), *new_caches)
+    return normalize(x_BTD, params["final_norm"], cfg), cache
+
+
+def unembed(params: Params, h_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits in float32; with tied embeddings the output projection is the token embedding transposed."""
+    w_DV = params["wte"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.dot(h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+
+
+def apply(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Next-token logits_BTV for a batch of token sequences (training / scoring path)."""
+    h_BTD, _ = trunk(params, tokens_BT, cfg, dropout_key=dropout_key)
+    return unembed(params, h_BTD, cfg)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> Cache:
+    """An empty KV cache with `length` slots per sequence, in the compute dtype."""
+    shape = (cfg.n_layer, batch_size, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    """Mean next-token negative log-likelihood in nats over the positions where `mask_BT` is true."""
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = logz_BT - target_logit_BT
+    if mask_BT is None:
+        return nll_BT.mean()
+    return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1)
