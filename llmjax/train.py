@@ -22,9 +22,8 @@ import numpy as np
 import optax
 
 from llmjax import model, sharding
-from llmjax.checkpoint import Checkpointer
+from llmjax.checkpoint import Checkpointer, check_compatible
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.errors import UserError
 from llmjax.metrics import MetricsWriter, console
 from llmjax.optim import learning_rate
 
@@ -111,7 +110,8 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
         self.eval_batch_sharding = sharding.batch_sharding(self.mesh, ndim=2)
         self.key = jax.random.key(self.tc.seed)
-        step = make_train_step(self.loss_fn, self.optimizer)
+        # Traced under the mesh so the model's sharding.constrain calls pin activation layouts.
+        step = sharding.under_mesh(make_train_step(self.loss_fn, self.optimizer), self.mesh)
         self._step = jax.jit(
             step,
             in_shardings=(self.shardings, self.batch_sharding, sharding.replicated(self.mesh)),
@@ -119,7 +119,7 @@ class Trainer:
             donate_argnums=0,
         )
         self._eval = jax.jit(
-            lambda params, batch: self.loss_fn(params, batch, self.key)[0],
+            sharding.under_mesh(lambda params, batch: self.loss_fn(params, batch, self.key)[0], self.mesh),
             in_shardings=(self.shardings["params"], self.eval_batch_sharding),
         )
         self._init = jax.jit(
@@ -164,17 +164,9 @@ class Trainer:
         return float(np.mean(losses))
 
 
-def check_resumable(saved: dict[str, Any], cfg: ModelConfig, workdir: str) -> None:
-    """A checkpoint resumes only into the same parameter shapes; runtime-only fields may differ."""
-    current = dataclasses.asdict(cfg)
-    for name, value in current.items():
-        if name in RUNTIME_FIELDS or name not in saved:
-            continue
-        if saved[name] != value:
-            raise UserError(
-                f"checkpoint in {workdir} was trained with {name}={saved[name]} but the current config has "
-                f"{name}={value}: use a fresh --workdir or pass --{name}={saved[name]}"
-            )
+def resumable_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """The meta keys a checkpoint must share with the current run: every model field that shapes the parameters."""
+    return tuple(f"model.{f.name}" for f in dataclasses.fields(cfg) if f.name not in RUNTIME_FIELDS)
 
 
 class StopRequest:
@@ -219,7 +211,7 @@ def run_loop(
     if start is None:
         start, state = 0, trainer.init_state()
     else:
-        check_resumable(ckpt.restore_meta(start)["model"], trainer.cfg, workdir)
+        check_compatible(ckpt.restore_meta(start), meta, resumable_keys(trainer.cfg), directory=ckpt.directory)
         state, _ = ckpt.restore(trainer.abstract_state(), start)
         console(f"resuming from the checkpoint at step {start} in {workdir}")
     writer = MetricsWriter(workdir)
