@@ -4,6 +4,8 @@
     python -m experiments.gpt --preset=shakespeare_char_cpu --data=text:../shared/data/tinyshakespeare.txt
     python -m experiments.gpt --mode=sample --workdir=runs/gpt
     python -m experiments.gpt --preset=llama_small --n_layer=6 --learning_rate=3e-4   # any config field is a flag
+    python -m experiments.gpt --preset=gpt2-xl --mesh=fsdp:8 --compile_only   # per-device memory, nothing allocated
+    ./launch.sh --num_processes=2 experiments.gpt --mesh=data:2,fsdp:2         # multi-process (see launch.sh)
 
 Re-running with the same --workdir resumes from its latest checkpoint. On CPU the batch is sharded over one XLA
 device per core (see llmjax.runtime); --mesh chooses another layout (llmjax.sharding).
@@ -36,7 +38,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from llmjax import config as config_lib  # noqa: E402
 from llmjax import data as data_lib  # noqa: E402
-from llmjax import flops, model, sharding, train  # noqa: E402
+from llmjax import distributed, flops, model, sharding, train  # noqa: E402
 from llmjax.checkpoint import Checkpointer  # noqa: E402
 from llmjax.errors import UserError  # noqa: E402
 from llmjax.generate import SamplingConfig, sample_long  # noqa: E402
@@ -60,6 +62,8 @@ flags.DEFINE_float("temperature", 0.8, "sampling temperature (0 = greedy)")
 flags.DEFINE_integer("top_k", 200, "sample from the top k tokens (0 = all)")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
 flags.DEFINE_string("prompt", "\n", "text the samples start from")
+flags.DEFINE_bool("compile_only", False, "compile the train step of --preset for --mesh from shapes alone (no data, "
+                  "no params) and print XLA's per-device memory beside the same step on one device")
 # Every ModelConfig / TrainConfig field is also a flag (default: the preset's value).
 _FIELD_TYPES = config_lib.config_field_types()
 for _name in _FIELD_TYPES:
@@ -114,7 +118,7 @@ def train_main() -> None:
     console(f"{FLAGS.preset}: {n_params:,} parameters, vocab {cfg.vocab_size}, {len(dataset.train_tokens):,} train "
             f"tokens, mesh {dict(mesh.shape)}")
 
-    p_index, p_count = jax.process_index(), jax.process_count()
+    p_index, p_count = sharding.process_batch_slice(mesh)  # the rows this process's devices hold
 
     def batch_fn(step: int) -> dict[str, np.ndarray]:
         x, y = data_lib.batch_for_step(dataset.train_tokens, seed=tc.seed, step=step, batch_size=tc.batch_size,
@@ -150,6 +154,37 @@ def train_main() -> None:
         _write_json(os.path.join(FLAGS.workdir, "summary.json"), summary)
     console(json.dumps({k: summary[k] for k in ("train_loss", "val_loss", "iters", "tokens_per_sec", "mfu")
                         if k in summary}))
+
+
+def compile_main() -> None:
+    """Compile the train step for --preset on --mesh from abstract inputs and print per-device memory.
+
+    Catches sharding and memory problems of a big model before any hardware is booked: everything is a
+    jax.ShapeDtypeStruct, so nothing the size of the model is allocated. The same step compiled for one device
+    is the unsharded figure the mesh is compared with.
+    """
+    cfg, tc = config_lib.from_preset(FLAGS.preset, **config_overrides())
+    mesh = build_mesh(tc)
+    n_params = model.count_params(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))
+    console(f"compile_only {FLAGS.preset}: {n_params:,} parameters, batch {tc.batch_size}×{cfg.block_size} "
+            f"in {tc.grad_accum} micro-batch(es), mesh {dict(mesh.shape)}")
+    one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    reports = {"per_device": _step_memory(cfg, tc, mesh), "unsharded": _step_memory(cfg, tc, one_device)}
+    for kind in reports["per_device"]:
+        for name, report in reports.items():
+            console(f"memory_{kind}_bytes_{name} {report[kind]} bytes")
+    console(f"memory_peak_per_device_over_unsharded {reports['per_device']['peak'] / reports['unsharded']['peak']:.4f} "
+            "ratio")
+
+
+def _step_memory(cfg: config_lib.ModelConfig, tc: config_lib.TrainConfig, mesh: jax.sharding.Mesh) -> dict[str, int]:
+    """XLA's per-device memory analysis of the train step compiled for `mesh` from abstract state and batch."""
+    trainer = train.Trainer(cfg, tc, mesh, train.lm_loss(cfg), make_optimizer(tc, model.param_axes(cfg)))
+    shape = (tc.grad_accum, tc.batch_size // tc.grad_accum, cfg.block_size)
+    tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)
+    seconds = trainer.compile(trainer.abstract_state(), {"x": tokens, "y": tokens})
+    console(f"compiled for mesh {dict(mesh.shape)} in {seconds:.1f}s")
+    return sharding.memory_report(trainer.compiled_step)
 
 
 def sample_main() -> None:
@@ -195,7 +230,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
-        train_main() if FLAGS.mode == "train" else sample_main()
+        distributed.maybe_initialize()  # before anything touches devices
+        if FLAGS.compile_only:
+            compile_main()
+        elif FLAGS.mode == "train":
+            train_main()
+        else:
+            sample_main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -136,6 +136,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 _GPT2 = dict(bias=True, dropout=0.0, vocab_size=50257, block_size=1024, scan_layers=True)
+# nanoGPT's train_gpt2.py on 8 GPUs: 12 sequences per GPU × 8 GPUs per micro-batch, 5 micro-batches (~0.5M tokens);
+# a micro-batch of 96 splits over any data×fsdp of up to 8 devices.
+_GPT2_BATCH = dict(batch_size=480, grad_accum=5)
 _CHAR_TRAIN = dict(learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100)
 
 # name -> (model fields, train fields). vocab_size of the char presets is replaced by the tokenizer's.
@@ -164,12 +167,17 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(batch_size=480, learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, max_iters=600000, beta2=0.95),
     ),
     "gpt2-medium": (
-        dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2), dict(learning_rate=3e-4, min_lr=3e-5, beta2=0.95)
+        dict(n_layer=24, n_head=16, n_embd=1024, **_GPT2),
+        dict(learning_rate=3e-4, min_lr=3e-5, beta2=0.95, **_GPT2_BATCH),
     ),
     "gpt2-large": (
-        dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2), dict(learning_rate=2.5e-4, min_lr=2.5e-5, beta2=0.95)
+        dict(n_layer=36, n_head=20, n_embd=1280, **_GPT2),
+        dict(learning_rate=2.5e-4, min_lr=2.5e-5, beta2=0.95, **_GPT2_BATCH),
     ),
-    "gpt2-xl": (dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2), dict(learning_rate=2e-4, min_lr=2e-5, beta2=0.95)),
+    "gpt2-xl": (
+        dict(n_layer=48, n_head=25, n_embd=1600, **_GPT2),
+        dict(learning_rate=2e-4, min_lr=2e-5, beta2=0.95, **_GPT2_BATCH),
+    ),
 }
 
 

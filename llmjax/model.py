@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.sharding import constrain
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -192,13 +193,13 @@ def attention(
 
 def mlp(x_BTD: jax.Array, p: Params, cfg: ModelConfig) -> jax.Array:
     """GELU MLP (GPT-2) or SwiGLU (Llama: silu(x·W_gate) ⊙ x·W_in)."""
-    h_BTF = linear(x_BTD, p["w_in"], cfg)
+    h_BTF = constrain(linear(x_BTD, p["w_in"], cfg), ("batch", None, "mlp"))  # column-parallel over tensor
     if "b_in" in p:
         h_BTF = h_BTF + p["b_in"].astype(h_BTF.dtype)
     if cfg.mlp == "swiglu":
         h_BTF = jax.nn.silu(linear(x_BTD, p["w_gate"], cfg)) * h_BTF
     else:
-        h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        h_BTF = jax.nn.gelu(h_BTF, approximate=False)  # exact erf GELU, as nanoGPT (GPT-2 used the tanh form)
     out_BTD = linear(h_BTF, p["w_out"], cfg)
     return out_BTD + p["b_out"].astype(out_BTD.dtype) if "b_out" in p else out_BTD
 
@@ -229,8 +230,10 @@ def block(
     B, T, _ = x_BTD.shape
     G = cfg.n_head // cfg.kv_heads
 
+    x_BTD = constrain(x_BTD, ("batch", None, None))  # the residual stream: split over the batch only
     h_BTD = normalize(x_BTD, p["attn_norm"], cfg)
     qkv_BTKCE = linear(h_BTD, p["w_qkv"], cfg)  # C = G + 2: the queries, the key, the value of each K/V head
+    qkv_BTKCE = constrain(qkv_BTKCE, ("batch", None, "kv_heads", None, "head_dim"))  # whole K/V heads per device
     if "b_qkv" in p:
         qkv_BTKCE = qkv_BTKCE + p["b_qkv"].astype(qkv_BTKCE.dtype)
     q_BTKGE, k_BTKE, v_BTKE = qkv_BTKCE[..., :G, :], qkv_BTKCE[..., G, :], qkv_BTKCE[..., G + 1, :]

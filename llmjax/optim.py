@@ -20,9 +20,13 @@ def learning_rate(step: jax.Array, tc: TrainConfig) -> jax.Array:
 
 
 def decay_mask(param_axes: dict) -> dict:
-    """Decay weight matrices and embeddings, not norms or biases (a stacked layer axis doesn't make a matrix)."""
+    """Decay weight matrices and embeddings, not norms or biases (a stacked layer axis doesn't make a matrix).
+
+    A matrix maps to or from the model width, so it has an "embed" axis; the QKV bias [L, K, G+2, E] has three
+    axes but none of them is "embed".
+    """
     def is_matrix(axes: tuple) -> bool:
-        return sum(a != "layers" for a in axes) >= 2
+        return "embed" in axes and sum(a != "layers" for a in axes) >= 2
 
     return jax.tree.map(is_matrix, param_axes, is_leaf=lambda x: isinstance(x, tuple))
 

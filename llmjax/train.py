@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llmjax import model, sharding
+from llmjax import distributed, model, sharding
 from llmjax.checkpoint import Checkpointer, check_compatible
 from llmjax.config import ModelConfig, TrainConfig
 from llmjax.metrics import MetricsWriter, console
@@ -235,19 +235,21 @@ def run_loop(
             if step + 1 < tc.max_iters:
                 batch = trainer.put_batch(batch_fn(step + 1))  # built on the host while the step runs
             # Waiting for every step also keeps XLA's CPU collectives from deadlocking with several devices.
-            loss = float(metrics["loss"])
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a finite loss with NaN grads poisons params
+                ckpt.close()
+                writer.close()
                 raise TrainingDiverged(
-                    f"loss became {loss} at step {step}: lower --learning_rate or raise --warmup_iters; "
-                    f"the last good checkpoint in {workdir} is kept"
+                    f"loss {loss}, gradient norm {grad_norm} at step {step}: lower --learning_rate or raise "
+                    f"--warmup_iters; the last good checkpoint in {workdir} is kept"
                 )
             train_time, trained_steps = train_time + dt, trained_steps + 1
             window_time, window_steps = window_time + dt, window_steps + 1
             done = step + 1
             if done % tc.log_interval == 0 or done == tc.max_iters:
                 tokens_per_sec = window_steps * tc.batch_size * _seq_len(batch) / window_time
-                record = {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                record = {"loss": loss, "grad_norm": grad_norm,
                           "lr": float(learning_rate(step, tc)), "ms_per_iter": 1e3 * window_time / window_steps,
                           "tokens_per_sec": tokens_per_sec}
                 if flops_per_step and peak_flops:
@@ -259,9 +261,10 @@ def run_loop(
                 window_time, window_steps = 0.0, 0
             if done % tc.eval_interval == 0 or done == tc.max_iters:
                 last = evaluate(done)
-            if done % tc.ckpt_interval == 0 or done == tc.max_iters or stop.signal is not None:
+            stopping = distributed.any_process(stop.signal is not None)  # every process stops at the same step
+            if done % tc.ckpt_interval == 0 or done == tc.max_iters or stopping:
                 ckpt.save(done, state, meta)
-            if stop.signal is not None:
+            if stopping:
                 console(f"stopped by signal {stop.signal} at step {done}; checkpoint saved, rerun to resume")
                 break
     if not last:
