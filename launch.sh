@@ -45,7 +45,8 @@ fi
 if [[ -n ${SLURM_PROCID:-} && ${SLURM_NTASKS:-1} -gt 1 && -z ${COORDINATOR_ADDRESS:-} ]]; then
   [[ $num_processes == 1 ]] || { echo "error: under srun the task count comes from SLURM; drop --num_processes" >&2; exit 2; }
   nodelist=${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}
-  COORDINATOR_ADDRESS="$(scontrol show hostnames "$nodelist" | head -n 1):${COORDINATOR_PORT:-12355}"
+  hosts=$(scontrol show hostnames "$nodelist")  # no pipe into head: its early exit would SIGPIPE scontrol (pipefail)
+  COORDINATOR_ADDRESS="${hosts%%$'\n'*}:${COORDINATOR_PORT:-12355}"
   export COORDINATOR_ADDRESS NUM_PROCESSES=$SLURM_NTASKS PROCESS_ID=$SLURM_PROCID
 fi
 

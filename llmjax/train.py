@@ -241,7 +241,7 @@ def run_loop(
                 ckpt.close()
                 writer.close()
                 raise TrainingDiverged(
-                    f"loss {loss}, gradient norm {grad_norm} at step {step}: lower --learning_rate or raise "
+                    f"loss became {loss} (gradient norm {grad_norm}) at step {step}: lower --learning_rate or raise "
                     f"--warmup_iters; the last good checkpoint in {workdir} is kept"
                 )
             train_time, trained_steps = train_time + dt, trained_steps + 1

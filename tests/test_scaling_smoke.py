@@ -1,0 +1,65 @@
+"""End to end: `experiments/scaling_laws.py --tier=smoke`, uninterrupted and killed-then-resumed (slow, run in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STABLE_KEYS = ("interior_minima", "a_approach2", "a_approach2_nonembedding", "a_loo_spread", "holdout_loss_rel_err",
+               "holdout_nstar_ratio", "approach3", "budgets", "wall_time_s")
+
+
+def smoke(workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments.scaling_laws", "--tier=smoke", f"--workdir={workdir}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(workdir: Path) -> dict:
+    path = workdir / "results.jsonl"
+    if not path.exists():
+        return {}
+    return {r["hash"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_smoke_tier_end_to_end_and_kill_resume(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    start = time.perf_counter()
+    proc = smoke(whole)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    elapsed = time.perf_counter() - start
+    summary = json.loads((whole / "summary.json").read_text())
+    assert all(k in summary for k in STABLE_KEYS)
+    assert set(summary["budgets"]) == {"1e+09", "3e+09", "1e+10"}
+    assert all(b["n_star"] > 0 and b["l_star"] > 0 for b in summary["budgets"].values())
+    assert summary["n_failed"] == 0 and summary["n_runs"] == 9
+    for name in ("report.md", "isoflop.png", "optimal_scaling.png", "frontier.png", "approach3.png"):
+        assert (whole / name).stat().st_size > 0
+    print(f"smoke tier: {elapsed:.0f}s wall")
+
+    # Kill a second sweep (SIGKILL, no cleanup) once a few runs are recorded, then rerun it to completion.
+    proc = smoke(killed)
+    while len(records(killed)) < 5 and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = smoke(killed)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    resumed = json.loads((killed / "summary.json").read_text())
+    for key in set(summary) - {"wall_time_s"}:
+        assert resumed[key] == summary[key], key
+    # Every config trained in both sweeps (in different processes) reproduces its loss.
+    a, b = records(whole), records(killed)
+    assert a.keys() == b.keys()
+    for h in a:
+        assert abs(a[h]["final_loss"] - b[h]["final_loss"]) <= 1e-5
