@@ -1,0 +1,1 @@
+"""Post-training as loss functions over rollouts: shared rollouts/masks/KL estimators, GRPO, verifiable tasks."""
