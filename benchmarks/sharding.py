@@ -44,11 +44,10 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    import time
 
     import jax
-    import numpy as np
 
+    from benchmarks.timing import time_train_steps
     from llmjax import config, model, sharding, train
     from llmjax.optim import make_optimizer
 
@@ -58,24 +57,7 @@ def measure(args: argparse.Namespace) -> None:
     else:
         mesh = sharding.make_mesh(sharding.parse_mesh(args.layout, jax.device_count()))
     trainer = train.Trainer(cfg, tc, mesh, train.lm_loss(cfg), make_optimizer(tc, model.param_axes(cfg)))
-    rng = np.random.default_rng(0)
-
-    def batch() -> dict:
-        x = rng.integers(0, cfg.vocab_size, (tc.batch_size, cfg.block_size + 1), dtype=np.int32)
-        return trainer.put_batch({"x": x[:, :-1], "y": x[:, 1:]})
-
-    state = trainer.init_state()
-    next_batch = batch()
-    trainer.compile(state, next_batch)
-    for _ in range(5):  # warm-up
-        state, metrics = trainer.step(state, next_batch)
-        float(metrics["loss"])
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = trainer.step(state, next_batch)
-        next_batch = batch()
-        float(metrics["loss"])  # wait for each step: queued multi-device CPU steps can deadlock XLA's collectives
-    seconds = (time.perf_counter() - start) / args.steps
+    state, seconds, _ = time_train_steps(trainer, args.steps, warmup=5)
     name = layout_name(args.layout)
     held = sharding.bytes_per_device({"params": state["params"], "opt_state": state["opt_state"]})
     print(f"tokens_per_sec_{name} {tc.batch_size * cfg.block_size / seconds:.0f} tokens/s")

@@ -44,11 +44,10 @@ def sweep(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-    import time
 
     import jax
-    import numpy as np
 
+    from benchmarks.timing import time_train_steps
     from llmjax import config, flops, model, sharding, train
     from llmjax.optim import make_optimizer
 
@@ -58,24 +57,7 @@ def measure(args: argparse.Namespace) -> None:
     cfg, tc = config.from_preset(args.preset, **overrides)
     mesh = sharding.make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1})
     trainer = train.Trainer(cfg, tc, mesh, train.lm_loss(cfg), make_optimizer(tc, model.param_axes(cfg)))
-    rng = np.random.default_rng(0)
-
-    def batch() -> dict:
-        x = rng.integers(0, cfg.vocab_size, (tc.batch_size, cfg.block_size + 1), dtype=np.int32)
-        return trainer.put_batch({"x": x[:, :-1], "y": x[:, 1:]})
-
-    state = trainer.init_state()
-    next_batch = batch()
-    compile_s = trainer.compile(state, next_batch)
-    for _ in range(10):  # warm-up
-        state, metrics = trainer.step(state, next_batch)
-        float(metrics["loss"])
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = trainer.step(state, next_batch)
-        next_batch = batch()
-        float(metrics["loss"])  # wait for each step, as the training loop does
-    seconds = (time.perf_counter() - start) / args.steps
+    _, seconds, compile_s = time_train_steps(trainer, args.steps, warmup=10)
     tokens = tc.batch_size * cfg.block_size
     mfu = flops.flops_per_token(cfg) * tokens / seconds / flops.peak_flops()
     print(f"devices {jax.device_count()} count")
