@@ -72,7 +72,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss / n_micro, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss / n_micro, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
