@@ -46,9 +46,10 @@ def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) 
         logits_BV = jnp.where(logits_BV < kth_BV, -jnp.inf, logits_BV)
     if top_p is not None and top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
-        cum_probs_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        sorted_probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(sorted_probs_BV, axis=-1) - sorted_probs_BV
         # The cutoff is the smallest logit whose preceding mass is still below top_p: the top token always stays.
-        n_keep_B1 = jnp.sum(cum_probs_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1, keepdims=True)
+        n_keep_B1 = jnp.sum(mass_before_BV < top_p, axis=-1, keepdims=True)
         cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return logits_BV

@@ -227,50 +227,50 @@ def run_loop(
 
     train_time, trained_steps, window_time, window_steps = 0.0, 0, 0.0, 0
     last: dict[str, float] = {}
-    step = start
-    with StopRequest() as stop:
-        for step in range(start, tc.max_iters):
-            t0 = time.perf_counter()
-            state, metrics = trainer.step(state, batch)
-            if step + 1 < tc.max_iters:
-                batch = trainer.put_batch(batch_fn(step + 1))  # built on the host while the step runs
-            # Waiting for every step also keeps XLA's CPU collectives from deadlocking with several devices.
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            dt = time.perf_counter() - t0
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a finite loss with NaN grads poisons params
-                ckpt.close()
-                writer.close()
-                raise TrainingDiverged(
-                    f"loss became {loss} (gradient norm {grad_norm}) at step {step}: lower --learning_rate or raise "
-                    f"--warmup_iters; the last good checkpoint in {workdir} is kept"
-                )
-            train_time, trained_steps = train_time + dt, trained_steps + 1
-            window_time, window_steps = window_time + dt, window_steps + 1
-            done = step + 1
-            if done % tc.log_interval == 0 or done == tc.max_iters:
-                tokens_per_sec = window_steps * tc.batch_size * _seq_len(batch) / window_time
-                record = {"loss": loss, "grad_norm": grad_norm,
-                          "lr": float(learning_rate(step, tc)), "ms_per_iter": 1e3 * window_time / window_steps,
-                          "tokens_per_sec": tokens_per_sec}
-                if flops_per_step and peak_flops:
-                    record["mfu"] = flops_per_step * window_steps / window_time / peak_flops
-                writer.write(done, record)
-                mfu = f", mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
-                console(f"iter {done}: loss {loss:.4f}, {record['ms_per_iter']:.1f} ms/iter, "
-                        f"{tokens_per_sec:,.0f} tok/s{mfu}")
-                window_time, window_steps = 0.0, 0
-            if done % tc.eval_interval == 0 or done == tc.max_iters:
-                last = evaluate(done)
-            stopping = distributed.any_process(stop.signal is not None)  # every process stops at the same step
-            if done % tc.ckpt_interval == 0 or done == tc.max_iters or stopping:
-                ckpt.save(done, state, meta)
-            if stopping:
-                console(f"stopped by signal {stop.signal} at step {done}; checkpoint saved, rerun to resume")
-                break
-    if not last:
-        last = evaluate(int(state["step"]))
-    ckpt.close()
-    writer.close()
+    try:
+        with StopRequest() as stop:
+            for step in range(start, tc.max_iters):
+                t0 = time.perf_counter()
+                state, metrics = trainer.step(state, batch)
+                if step + 1 < tc.max_iters:
+                    batch = trainer.put_batch(batch_fn(step + 1))  # built on the host while the step runs
+                # Waiting for every step also keeps XLA's CPU collectives from deadlocking with several devices.
+                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                dt = time.perf_counter() - t0
+                # A finite loss with NaN gradients would still poison the parameters saved next.
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise TrainingDiverged(
+                        f"loss became {loss} (gradient norm {grad_norm}) at step {step}: lower --learning_rate or "
+                        f"raise --warmup_iters; the last good checkpoint in {workdir} is kept"
+                    )
+                train_time, trained_steps = train_time + dt, trained_steps + 1
+                window_time, window_steps = window_time + dt, window_steps + 1
+                done = step + 1
+                if done % tc.log_interval == 0 or done == tc.max_iters:
+                    tokens_per_sec = window_steps * tc.batch_size * _seq_len(batch) / window_time
+                    record = {"loss": loss, "grad_norm": grad_norm,
+                              "lr": float(learning_rate(step, tc)), "ms_per_iter": 1e3 * window_time / window_steps,
+                              "tokens_per_sec": tokens_per_sec}
+                    if flops_per_step and peak_flops:
+                        record["mfu"] = flops_per_step * window_steps / window_time / peak_flops
+                    writer.write(done, record)
+                    mfu = f", mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+                    console(f"iter {done}: loss {loss:.4f}, {record['ms_per_iter']:.1f} ms/iter, "
+                            f"{tokens_per_sec:,.0f} tok/s{mfu}")
+                    window_time, window_steps = 0.0, 0
+                if done % tc.eval_interval == 0 or done == tc.max_iters:
+                    last = evaluate(done)
+                stopping = distributed.any_process(stop.signal is not None)  # every process stops at the same step
+                if done % tc.ckpt_interval == 0 or done == tc.max_iters or stopping:
+                    ckpt.save(done, state, meta)
+                if stopping:
+                    console(f"stopped by signal {stop.signal} at step {done}; checkpoint saved, rerun to resume")
+                    break
+        if not last:
+            last = evaluate(int(state["step"]))
+    finally:  # also on divergence or any error: finish pending saves, flush metrics
+        ckpt.close()
+        writer.close()
     seq_tokens = tc.batch_size * _seq_len(batch)
     tokens_per_sec = trained_steps * seq_tokens / train_time if train_time else 0.0
     summary = {
