@@ -190,15 +190,20 @@ def check_compatible(
     keys: tuple[str, ...],
     *,
     directory: str | os.PathLike[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Raises UserError naming the first of `keys` whose value differs between a checkpoint's meta and the current
-    one. A key may be dotted ("model.n_embd") to reach into nested dicts; a key missing on one side differs. The
-    current meta is compared as it will read back from JSON (tuples become lists, ...). `directory`, if given, is
-    named in the message."""
+    one. A key may be dotted ("model.n_embd") to reach into nested dicts; a key missing on one side differs, except
+    that a key the checkpoint predates matches its value in `defaults` (a config field added later, whose default
+    is the old behaviour). The current meta is compared as it will read back from JSON (tuples become lists, ...).
+    `directory`, if given, is named in the message."""
     current = json.loads(json.dumps(current_meta))
+    old_defaults = json.loads(json.dumps(dict(defaults or {})))
     where = "checkpoint" if directory is None else f"checkpoint in {os.fspath(directory)}"
     for key in keys:
         saved_value, current_value = _lookup(saved_meta, key), _lookup(current, key)
+        if saved_value is _UNSET and key in old_defaults:
+            saved_value = old_defaults[key]
         if saved_value != current_value:
             raise UserError(
                 f"{where} was trained with {key}={_show(saved_value)} but the current "

@@ -43,6 +43,18 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention: str = "xla"  # xla | pallas (kernels_pallas flash attention; interpret mode off-GPU)
     matmul: str = "default"  # default | fp8 (kernels_pallas block-scaled FP8 matmul in the transformer blocks)
+    # Mixture of experts (Mixtral; DeepSeek's fine-grained + shared experts): 0 experts = a dense MLP.
+    n_experts: int = 0  # routed SwiGLU experts per layer
+    moe_top_k: int = 2  # experts per token; their gates are the softmax over the top-k router logits
+    n_shared_experts: int = 0  # always-on experts (DeepSeek), one SwiGLU of n_shared_experts · expert width
+    expert_hidden: int | None = None  # None: the dense MLP's hidden width; fine-grained experts use less
+    capacity_factor: float = 1.25  # slots per expert = capacity_factor · tokens · top_k / n_experts (per sequence)
+    moe_aux_coef: float = 0.01  # weight of the Switch load-balancing loss
+    router_z_coef: float = 1e-3  # weight of the router z-loss (ST-MoE)
+    # Multi-head latent attention (DeepSeek-V2/V3): 0 = off; else K and V come from a latent of this rank.
+    mla_kv_rank: int = 0
+    mla_rope_dim: int = 16  # the decoupled RoPE key, one per token shared by all heads
+    mla_q_rank: int = 0  # 0: full-rank queries; else queries also pass through a latent of this rank
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +72,10 @@ class ModelConfig:
             return 4 * self.n_embd
         hidden = int(2 * 4 * self.n_embd / 3)
         return self.mlp_multiple_of * -(-hidden // self.mlp_multiple_of)
+
+    @property
+    def expert_dim(self) -> int:
+        return self.hidden_dim if self.expert_hidden is None else self.expert_hidden
 
     def validate(self) -> ModelConfig:
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
@@ -89,7 +105,37 @@ class ModelConfig:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UserError(f"sliding_window={self.sliding_window} must be ≥ 1 (or unset for full attention)")
+        if self.n_experts < 0 or self.mla_kv_rank < 0 or self.mla_q_rank < 0:
+            raise UserError("n_experts, mla_kv_rank and mla_q_rank must be ≥ 0 (0 turns the feature off)")
+        if self.n_experts:
+            self._validate_moe()
+        if self.mla_kv_rank:
+            self._validate_mla()
         return self
+
+    def _validate_moe(self) -> None:
+        if self.mlp != "swiglu":
+            raise UserError(f"n_experts={self.n_experts} uses SwiGLU experts: set --mlp=swiglu")
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise UserError(f"moe_top_k={self.moe_top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.n_shared_experts < 0 or (self.expert_hidden is not None and self.expert_hidden < 1):
+            raise UserError("n_shared_experts must be ≥ 0 and expert_hidden ≥ 1 (or unset for the dense width)")
+        if self.capacity_factor <= 0:
+            raise UserError(f"capacity_factor={self.capacity_factor} must be > 0 (1.25 is usual)")
+        if self.moe_aux_coef < 0 or self.router_z_coef < 0:
+            raise UserError("moe_aux_coef and router_z_coef must be ≥ 0")
+
+    def _validate_mla(self) -> None:
+        if self.position != "rope":
+            raise UserError(f"mla_kv_rank={self.mla_kv_rank} carries positions in a decoupled RoPE key: "
+                            "set --position=rope")
+        if self.mla_rope_dim < 2 or self.mla_rope_dim % 2:
+            raise UserError(f"mla_rope_dim={self.mla_rope_dim} must be a positive even number")
+        if self.kv_heads != self.n_head:
+            raise UserError(f"n_kv_head={self.n_kv_head} has no meaning with MLA (every head reads the shared "
+                            f"latent): set --n_kv_head={self.n_head} or leave it unset")
+        if self.attention != "xla":
+            raise UserError("attention=pallas does not support MLA: use --attention=xla")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ GPU_PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e
 
 
 def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters in the matmuls one token runs through (a mixture of experts counts only its top-k experts)."""
     shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    n = model.count_params(shapes)
+    n = model.count_active_params(shapes, cfg)
     if cfg.position == "learned":
         n -= cfg.block_size * cfg.n_embd
     if not cfg.tie_embeddings:

@@ -1,8 +1,11 @@
 """Autoregressive decoding with a KV cache: temperature, top-k, top-p, batched prompts of any lengths, stop token.
 
-Prompts are left-padded to a common length P so every row writes cache slot P + i at decode step i; a row's
+Prompts are left-padded to a common length P so every row writes absolute slot P + i at decode step i; a row's
 positions count from its first real token, and its padding slots are masked out of attention. The whole decode is
 one `lax.while_loop` under `jit`, which stops early once every row has emitted the stop token.
+
+With a sliding window W the cache keeps only W slots, a ring buffer (slot s lives at s mod W): decoding memory does
+not grow with the number of generated tokens.
 """
 
 from __future__ import annotations
@@ -83,22 +86,25 @@ def generate(
     `lengths_B` counts generated tokens up to and including the stop token; later slots are `pad_id`, logprob 0.
     """
     B, P = prompt_BP.shape
-    S = P + max_new_tokens
     pad_B = P - prompt_lens_B
-    slots_S = jnp.arange(S)
-    real_BS = slots_S[None, :] >= pad_B[:, None]
     window = cfg.sliding_window
+    cache = model.init_cache(cfg, B, P + max_new_tokens)
+    R = next(iter(cache.values())).shape[2]  # cache slots: all P + max_new_tokens, or the last `window`
 
-    def step_mask(query_slots_T: jax.Array) -> jax.Array:
-        mask_BTS = (slots_S[None, None, :] <= query_slots_T[None, :, None]) & real_BS[:, None, :]
+    def step_mask(start: jax.Array, T: int) -> jax.Array:
+        """mask_BT(R+T) for T tokens at absolute slots start.. over the R cache slots, then the T new tokens."""
+        query_T = start + jnp.arange(T)
+        # Ring slot r holds the latest absolute slot before `start` that is ≡ r (mod R); negative: never written.
+        cached_R = start - 1 - (start - 1 - jnp.arange(R)) % R
+        key_S = jnp.concatenate([cached_R, query_T])
+        mask_BTS = (key_S[None, None, :] <= query_T[None, :, None]) & (key_S >= pad_B[:, None])[:, None, :]
         if window is not None:
-            mask_BTS &= slots_S[None, None, :] > query_slots_T[None, :, None] - window
+            mask_BTS &= key_S[None, None, :] > query_T[None, :, None] - window
         return mask_BTS
 
-    cache = model.init_cache(cfg, B, S)
     positions_BP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
     h_BPD, cache = model.trunk(
-        params, prompt_BP, cfg, positions_BT=positions_BP, mask_BTS=step_mask(jnp.arange(P)), cache=cache,
+        params, prompt_BP, cfg, positions_BT=positions_BP, mask_BTS=step_mask(jnp.int32(0), P), cache=cache,
         cache_index=jnp.int32(0),
     )
     logits_BV = model.unembed(params, h_BPD[:, -1:], cfg)[:, 0]
@@ -118,7 +124,7 @@ def generate(
             done_B = done_B | (token_B == sc.stop_token)
         slot = P + i
         h_B1D, cache = model.trunk(
-            params, token_B[:, None], cfg, positions_BT=(slot - pad_B)[:, None], mask_BTS=step_mask(slot[None]),
+            params, token_B[:, None], cfg, positions_BT=(slot - pad_B)[:, None], mask_BTS=step_mask(slot, 1),
             cache=cache, cache_index=slot,
         )
         return i + 1, cache, model.unembed(params, h_B1D, cfg)[:, 0], tokens_BN, logprobs_BN, done_B, key

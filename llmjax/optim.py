@@ -22,11 +22,11 @@ def learning_rate(step: jax.Array, tc: TrainConfig) -> jax.Array:
 def decay_mask(param_axes: dict) -> dict:
     """Decay weight matrices and embeddings, not norms or biases (a stacked layer axis doesn't make a matrix).
 
-    A matrix maps to or from the model width, so it has an "embed" axis; the QKV bias [L, K, G+2, E] has three
-    axes but none of them is "embed".
+    A matrix maps to or from the model width or MLA's latent, so it has an "embed" or "latent" axis; the QKV bias
+    [L, K, G+2, E] has three axes but neither of them.
     """
     def is_matrix(axes: tuple) -> bool:
-        return "embed" in axes and sum(a != "layers" for a in axes) >= 2
+        return ("embed" in axes or "latent" in axes) and sum(a != "layers" for a in axes) >= 2
 
     return jax.tree.map(is_matrix, param_axes, is_leaf=lambda x: isinstance(x, tuple))
 

@@ -1,8 +1,10 @@
 """Device meshes and sharding by name: one table maps logical axis names to mesh axes.
 
-Model code names its axes ("embed", "heads", ...); it never mentions devices. The mesh has three axes:
+Model code names its axes ("embed", "heads", ...); it never mentions devices. The mesh has four axes:
 - data:   batch split, params replicated (data parallel);
 - fsdp:   batch split, and params / grads / optimizer state split along "embed" (fully sharded data parallel);
+- expert: batch split outside the mixture-of-experts layers, the experts split inside them (expert parallel,
+          GShard): each device runs its experts on the tokens routed to them from every device of the axis;
 - tensor: heads and the MLP hidden width split (Megatron tensor parallel: column-parallel QKV and MLP-in,
           row-parallel out-projections).
 
@@ -25,24 +27,31 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from llmjax.config import ModelConfig
 from llmjax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axes it is split over (None: replicated)
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_AXES,
+    "expert_batch": ("data", "fsdp"),  # the batch inside an MoE layer, where the expert axis splits the experts
+    "expert": "expert",
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "latent": None,  # the rank of latent attention's compressed K/V (and query), small and shared by every head
     "layers": None,
 }
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
-    """'data:2,fsdp:2,tensor:2' -> sizes for every mesh axis; one axis may be -1 (inferred); unnamed axes are 1."""
-    sizes = {axis: 1 for axis in MESH_AXES}
+    """'data:2,fsdp:2,tensor:2' -> mesh axis sizes; one axis may be -1 (inferred); unnamed axes are 1.
+
+    The expert axis appears in the result only when named, so dense layouts read as before.
+    """
+    sizes = {axis: 1 for axis in MESH_AXES if axis != "expert"}
     inferred = None
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition(":")
@@ -70,8 +79,9 @@ def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(sizes: dict[str, int], devices: list | None = None) -> Mesh:
+    """A mesh with every axis of MESH_AXES; axes missing from `sizes` have size 1."""
     devices = devices if devices is not None else jax.devices()
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
@@ -101,9 +111,9 @@ def param_shardings(cfg: ModelConfig, params_shape: Any, param_axes: Any, mesh: 
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Split the batch axis over data × fsdp; other axes replicated."""
+    """Split the batch axis over data × fsdp × expert; other axes replicated."""
     parts: list[Any] = [None] * ndim
-    parts[batch_axis] = ("data", "fsdp")
+    parts[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*parts))
 
 
@@ -111,11 +121,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_shards(mesh: Mesh | AbstractMesh) -> int:
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh | AbstractMesh) -> None:
+    shards = batch_shards(mesh)
     if batch_size % shards:
+        names = "×".join(a for a in BATCH_AXES if a != "expert" or mesh.shape.get(a, 1) > 1)
         raise UserError(
-            f"batch of {batch_size} sequences does not split over data×fsdp={shards} devices: "
+            f"batch of {batch_size} sequences does not split over {names}={shards} devices: "
             f"use a batch_size (per micro-batch) divisible by {shards}"
         )
 
@@ -125,6 +140,11 @@ def check_model_divides(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> None
 
     Replicating them instead (as spec_for does for vocab) would silently turn tensor parallelism off.
     """
+    e = mesh_shape.get("expert", 1)
+    if cfg.n_experts and cfg.n_experts % e:
+        raise UserError(
+            f"n_experts={cfg.n_experts} does not split over expert={e}: use an expert axis size dividing n_experts"
+        )
     t = mesh_shape.get("tensor", 1)
     if t == 1:
         return
@@ -139,6 +159,11 @@ def check_model_divides(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> None
         raise UserError(
             f"MLP hidden width {cfg.hidden_dim} does not split over tensor={t}: use a tensor size dividing it "
             f"or set --mlp_hidden to a multiple of {t}"
+        )
+    if cfg.n_experts and cfg.expert_dim % t:
+        raise UserError(
+            f"expert hidden width {cfg.expert_dim} does not split over tensor={t}: set --expert_hidden to a "
+            f"multiple of {t}"
         )
 
 
@@ -168,14 +193,16 @@ def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
 def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
     """(index, count): this process feeds part `index` of the global batch cut into `count` equal row blocks.
 
-    The batch axis is split over data×fsdp; a process must supply the rows of every batch shard its devices hold.
-    Usually that is 1/process_count of the batch, but a mesh that replicates the batch across processes (e.g.
+    The batch axis is split over data×fsdp×expert; a process must supply the rows of every batch shard its devices
+    hold. Usually that is 1/process_count of the batch, but a mesh that replicates the batch across processes (e.g.
     tensor:8 over two hosts) needs the same rows on each, so the slice comes from the mesh, not the process count.
     """
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
+    batch_dims = [MESH_AXES.index(a) for a in BATCH_AXES]
+    batch_shape = [mesh.devices.shape[i] for i in batch_dims]
     shard_of_device = {
-        d.id: i * mesh.shape["fsdp"] + j
-        for (i, j, _), d in np.ndenumerate(mesh.devices)
+        d.id: int(np.ravel_multi_index([index[i] for i in batch_dims], batch_shape))
+        for index, d in np.ndenumerate(mesh.devices)
     }
     mine = sorted({shard_of_device[d.id] for d in mesh.local_devices})
     count = shards // len(mine)

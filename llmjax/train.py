@@ -32,7 +32,10 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[[model.Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 # Fields that only change how the same parameters are computed: a checkpoint may resume with other values.
-RUNTIME_FIELDS = ("scan_layers", "remat", "compute_dtype", "attention", "matmul", "dropout")
+RUNTIME_FIELDS = (
+    "scan_layers", "remat", "compute_dtype", "attention", "matmul", "dropout",
+    "capacity_factor", "moe_aux_coef", "router_z_coef",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,11 +43,24 @@ class TrainingDiverged(RuntimeError):
 
 
 def lm_loss(cfg: ModelConfig) -> LossFn:
-    """Next-token cross-entropy on batch["x"] -> batch["y"] (optionally masked by batch["mask"])."""
+    """Next-token cross-entropy on batch["x"] -> batch["y"] (optionally masked by batch["mask"]).
+
+    A mixture-of-experts model adds moe_aux_coef · load-balancing loss + router_z_coef · router z-loss to the
+    objective. They enter as `a - stop_gradient(a)`, so the returned value stays the cross-entropy (train and eval
+    losses compare directly with a dense model's) while the gradient carries them; the aux dict reports both terms
+    and the fraction of dropped expert choices.
+    """
 
     def loss_fn(params: model.Params, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logits_BTV = model.apply(params, batch["x"], cfg, dropout_key=key if cfg.dropout > 0 else None)
-        return model.cross_entropy(logits_BTV, batch["y"], batch.get("mask")), {}
+        logits_BTV, aux = model.apply(
+            params, batch["x"], cfg, dropout_key=key if cfg.dropout > 0 else None, return_aux=True
+        )
+        loss = model.cross_entropy(logits_BTV, batch["y"], batch.get("mask"))
+        if not cfg.n_experts:
+            return loss, {}
+        penalty = cfg.moe_aux_coef * aux["moe_aux_loss"] + cfg.router_z_coef * aux["router_z_loss"]
+        metrics = {name: aux[name] for name in ("moe_aux_loss", "router_z_loss", "dropped_fraction")}
+        return loss + penalty - jax.lax.stop_gradient(penalty), metrics
 
     return loss_fn
 
@@ -63,16 +79,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
         def accumulate(carry: tuple, micro: tuple) -> tuple:
             grads_sum, loss_sum = carry
             micro_batch, index = micro
-            (loss, _), grads = grad_fn(state["params"], micro_batch, jax.random.fold_in(step_key, index))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+            (loss, aux), grads = grad_fn(state["params"], micro_batch, jax.random.fold_in(step_key, index))
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), aux
 
         n_micro = jax.tree.leaves(batch)[0].shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, 0.0), (batch, jnp.arange(n_micro)))
+        (grads, loss), aux_A = jax.lax.scan(accumulate, (zeros, 0.0), (batch, jnp.arange(n_micro)))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss / n_micro, "grad_norm": optax.tree.norm(grads)}
+        # The loss's own statistics (e.g. MoE routing), averaged over the micro-batches.
+        metrics = {**jax.tree.map(jnp.mean, aux_A), "loss": loss / n_micro, "grad_norm": optax.tree.norm(grads)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
@@ -169,6 +186,11 @@ def resumable_keys(cfg: ModelConfig) -> tuple[str, ...]:
     return tuple(f"model.{f.name}" for f in dataclasses.fields(cfg) if f.name not in RUNTIME_FIELDS)
 
 
+def config_defaults(cfg: ModelConfig) -> dict[str, Any]:
+    """`model.<field>` -> default value, for checkpoints written before a field existed."""
+    return {f"model.{f.name}": f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so it can checkpoint and exit cleanly."""
 
@@ -211,7 +233,8 @@ def run_loop(
     if start is None:
         start, state = 0, trainer.init_state()
     else:
-        check_compatible(ckpt.restore_meta(start), meta, resumable_keys(trainer.cfg), directory=ckpt.directory)
+        check_compatible(ckpt.restore_meta(start), meta, resumable_keys(trainer.cfg), directory=ckpt.directory,
+                         defaults=config_defaults(trainer.cfg))
         state, _ = ckpt.restore(trainer.abstract_state(), start)
         console(f"resuming from the checkpoint at step {start} in {workdir}")
     writer = MetricsWriter(workdir)
@@ -248,7 +271,8 @@ def run_loop(
                 done = step + 1
                 if done % tc.log_interval == 0 or done == tc.max_iters:
                     tokens_per_sec = window_steps * tc.batch_size * _seq_len(batch) / window_time
-                    record = {"loss": loss, "grad_norm": grad_norm,
+                    extra = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm") and v.ndim == 0}
+                    record = {**extra, "loss": loss, "grad_norm": grad_norm,
                               "lr": float(learning_rate(step, tc)), "ms_per_iter": 1e3 * window_time / window_steps,
                               "tokens_per_sec": tokens_per_sec}
                     if flops_per_step and peak_flops:

@@ -151,6 +151,15 @@ def test_check_compatible() -> None:
         check_compatible({}, {"mlp": "swiglu"}, ("mlp",))
 
 
+def test_check_compatible_fields_added_after_the_checkpoint() -> None:
+    """A checkpoint older than a config field matches when the run keeps that field's default."""
+    saved = {"model": {"n_embd": 128}}
+    defaults = {"model.n_experts": 0}
+    check_compatible(saved, {"model": {"n_embd": 128, "n_experts": 0}}, ("model.n_experts",), defaults=defaults)
+    with pytest.raises(UserError, match="model.n_experts=0 but the current config has model.n_experts=8"):
+        check_compatible(saved, {"model": {"n_embd": 128, "n_experts": 8}}, ("model.n_experts",), defaults=defaults)
+
+
 # A failed tensorstore read makes orbax close its event loop while sibling reads still call back into it (harmless);
 # tests that fail a restore end with gc.collect() so those abandoned coroutines are reported, and ignored, right there.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
