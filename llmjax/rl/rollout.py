@@ -91,6 +91,31 @@ def token_logprobs(
     return logp_BN, entropy_BN
 
 
+def row_hidden(
+    params: model.Params,
+    prompt_BP: jax.Array,
+    prompt_lens_B: jax.Array,
+    tokens_BN: jax.Array,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """Final hidden states h_BSD of the whole row (S = P + N), with `token_logprobs`' positions and padding mask.
+
+    Slot P − 1 + t holds the state before response token t (a value head reads it); slot P + len − 1 holds the
+    state after the last response token (a reward head reads it).
+    """
+    P = prompt_BP.shape[1]
+    N = tokens_BN.shape[1]
+    tokens_BS = jnp.concatenate([prompt_BP, tokens_BN], axis=1)
+    slots_S = jnp.arange(P + N)
+    real_BS = ~layout_masks(prompt_lens_B, P, jnp.full_like(prompt_lens_B, N), N)["padding"]
+    mask_BSS = (slots_S[None, None, :] <= slots_S[None, :, None]) & real_BS[:, None, :]
+    if cfg.sliding_window is not None:
+        mask_BSS &= slots_S[None, None, :] > slots_S[None, :, None] - cfg.sliding_window
+    positions_BS = jnp.maximum(slots_S[None, :] - (P - prompt_lens_B)[:, None], 0)
+    h_BSD, _ = model.trunk(params, tokens_BS, cfg, positions_BT=positions_BS, mask_BTS=mask_BSS)
+    return h_BSD
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "group_size", "max_new_tokens", "sc"))
 def sample_groups(
     params: model.Params,
