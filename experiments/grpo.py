@@ -2,8 +2,9 @@
 
     python -m experiments.grpo                                 # addition: SFT → GRPO, Dr. GRPO, RFT baseline
     python -m experiments.grpo --loss=dr_grpo --norft          # only the Dr. GRPO arm
-    python -m experiments.grpo --task=countdown --iters=300
-    python -m experiments.grpo --sft_stop_acc=0.02             # failure mode: too weak a start, no reward variance
+    python -m experiments.grpo --task=countdown --loss=grpo --norft --sft_stop_acc=0.25 --sft_max_steps=1500 \
+        --sft_eval_every=25 --iters=100000 --arm_minutes=8 --eval_every=50     # Countdown, GRPO for 8 minutes
+    python -m experiments.grpo --sft_stop_acc=0.02 --loss=grpo --norft --iters=200   # failure mode: too weak a start
     python -m experiments.grpo --small                         # CI smoke test (< 1 min)
 
 A small transformer (3 layers, width 128) is trained with supervised fine-tuning on reference answers of training
@@ -15,8 +16,8 @@ at equal sampled tokens. Held-out problems (--n_heldout, a fixed split disjoint 
 greedy accuracy, pass@1 at temperature 1 and pass@8 before and after.
 
 Writes to --workdir: metrics.jsonl and tensorboard/ (per iteration, keys prefixed by arm), curves.png (held-out
-greedy accuracy and KL to the SFT policy against iteration, accuracy against sampled tokens), config.json and
-summary.json with keys
+greedy accuracy and pass@1 at T=1 every --eval_every iterations, training reward and KL to the SFT policy against
+iteration, accuracy against sampled tokens), config.json and summary.json with keys
     sft_greedy_acc, sft_pass1, sft_pass8     the SFT start on held-out problems
     {arm}_greedy_acc, {arm}_pass1, {arm}_pass8   after each arm (arm: grpo, dr_grpo, dapo, rft; null if not run);
                                                the stable keys are grpo_greedy_acc, grpo_pass1, grpo_pass8,
@@ -27,8 +28,10 @@ summary.json with keys
     {arm}_len_incorrect_start, _end          mean length of incorrect responses, first and last 10 iterations
     {arm}_len_correct_start, _end            the same for correct ones
     {arm}_time_s                             the arm's wall time, evaluations included
-    sft_steps                                SFT steps taken before the stop
+    sft_steps, sft_time_s                    SFT steps taken before the stop, and its wall time
     wall_time_s                              the whole run
+    cpu_time_s                               CPU seconds of this process (all threads): on 2 idle cores about
+                                             2 × wall_time_s at most; far less means the run waited for the CPU
 """
 
 import dataclasses
@@ -63,16 +66,18 @@ flags.DEFINE_integer("n_layer", 3, "transformer layers")
 flags.DEFINE_integer("n_embd", 128, "model width")
 flags.DEFINE_integer("n_head", 4, "attention heads")
 # SFT
-flags.DEFINE_float("sft_stop_acc", 0.45, "stop SFT once greedy accuracy on 256 training problems reaches this")
+flags.DEFINE_float("sft_stop_acc", 0.40, "stop SFT once greedy accuracy on 256 training problems reaches this")
 flags.DEFINE_integer("sft_max_steps", 3000, "SFT step limit")
 flags.DEFINE_integer("sft_batch", 64, "SFT sequences per step")
 flags.DEFINE_float("sft_lr", 1e-3, "SFT learning rate (constant after 20 warmup steps)")
-flags.DEFINE_integer("sft_eval_every", 10, "SFT steps between checks of the stop accuracy")
+flags.DEFINE_integer("sft_eval_every", 2, "SFT steps between checks of the stop accuracy (it rises fast)")
 # RL
-flags.DEFINE_integer("iters", 200, "RL iterations (rollout batches) per arm")
+flags.DEFINE_integer("iters", 400, "RL iterations (rollout batches) per arm")
+flags.DEFINE_float("arm_minutes", None, "also stop each RL arm after this many minutes, its evaluations included")
 flags.DEFINE_integer("prompts_per_iter", 32, "prompts per rollout batch")
 flags.DEFINE_integer("group_size", 8, "completions per prompt (G)")
-flags.DEFINE_float("lr", 1e-4, "RL learning rate (constant after --warmup_iters)")
+flags.DEFINE_float("lr", 1e-4, "RL learning rate after --warmup_iters")
+flags.DEFINE_float("min_lr", None, "cosine-decay the RL learning rate to this at --iters (default: constant --lr)")
 flags.DEFINE_integer("warmup_iters", 10, "RL warmup: a fresh Adam's first full-size step wrecks the policy")
 flags.DEFINE_float("beta", 0.04, "k3 KL coefficient (0 drops the KL term)")
 flags.DEFINE_float("eps_low", 0.2, "lower clip range of the ratio")
@@ -106,7 +111,7 @@ def sft(cfg: ModelConfig, train_problems: list, dev_problems: list, task: tasks.
             if acc["greedy_acc"] >= FLAGS.sft_stop_acc:
                 console(f"sft: stop at step {step}, greedy accuracy {acc['greedy_acc']:.3f} on training problems")
                 return state["params"], step
-            if step % (10 * FLAGS.sft_eval_every) == 0:
+            if step % 100 == 0:
                 console(f"sft step {step}: greedy accuracy {acc['greedy_acc']:.3f} on training problems")
         idx = np.random.default_rng([FLAGS.seed, step]).choice(len(pairs), FLAGS.sft_batch, replace=False)
         mask_BN = response_mask(resp_lens_X[idx], task.max_new_tokens)
@@ -129,16 +134,20 @@ def plot(curves: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for arm, history in curves.items():
         points = [h for h in history if "heldout_greedy_acc" in h]
-        axes[0].plot([h["iter"] for h in points], [h["heldout_greedy_acc"] for h in points], "o-", label=arm)
-        axes[1].plot([h["iter"] for h in history if "kl" in h], [h["kl"] for h in history if "kl" in h], label=arm)
-        axes[2].plot([h["sampled_tokens"] for h in points], [h["heldout_greedy_acc"] for h in points], "o-",
+        line = axes[0].plot([h["iter"] for h in points], [h["heldout_greedy_acc"] for h in points], "o-", label=arm)
+        axes[0].plot([h["iter"] for h in points], [h["heldout_pass1"] for h in points], "x--",
+                     color=line[0].get_color(), label=f"{arm} pass@1 (T=1)")
+        axes[1].plot([h["iter"] for h in history], [h["reward"] for h in history], label=arm, alpha=0.7)
+        axes[2].plot([h["iter"] for h in history if "kl" in h], [h["kl"] for h in history if "kl" in h], label=arm)
+        axes[3].plot([h["sampled_tokens"] for h in points], [h["heldout_greedy_acc"] for h in points], "o-",
                      label=arm)
-    axes[0].set(xlabel="iteration", ylabel="held-out greedy accuracy", title="accuracy")
-    axes[1].set(xlabel="iteration", ylabel="k3 KL to SFT policy (nats/token)", title="KL")
-    axes[2].set(xlabel="sampled response tokens", ylabel="held-out greedy accuracy", title="accuracy vs compute")
+    axes[0].set(xlabel="iteration", ylabel="held-out accuracy", title="greedy accuracy and pass@1")
+    axes[1].set(xlabel="iteration", ylabel="mean reward of the rollouts", title="training reward (T=1)")
+    axes[2].set(xlabel="iteration", ylabel="k3 KL to SFT policy (nats/token)", title="KL")
+    axes[3].set(xlabel="sampled response tokens", ylabel="held-out greedy accuracy", title="accuracy vs compute")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -148,7 +157,7 @@ def plot(curves: dict[str, list[dict]], path: str) -> None:
 
 
 def run() -> dict:
-    wall_start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     if FLAGS.small:
         for name, value in SMALL.items():
             setattr(FLAGS, name, value)
@@ -164,7 +173,8 @@ def run() -> dict:
         group_size=FLAGS.group_size, prompts_per_iter=FLAGS.prompts_per_iter, temperature=FLAGS.temperature,
         beta=FLAGS.beta, eps_low=FLAGS.eps_low, eps_high=FLAGS.eps_high, loss=arm, scale_rewards=FLAGS.scale_rewards,
         num_updates=FLAGS.num_updates).validate() for arm in arms}
-    tc = TrainConfig(learning_rate=FLAGS.lr, min_lr=FLAGS.lr, warmup_iters=FLAGS.warmup_iters, weight_decay=0.0,
+    min_lr = FLAGS.lr if FLAGS.min_lr is None else FLAGS.min_lr
+    tc = TrainConfig(learning_rate=FLAGS.lr, min_lr=min_lr, warmup_iters=FLAGS.warmup_iters, weight_decay=0.0,
                      max_iters=FLAGS.iters, seed=FLAGS.seed).validate()
     os.makedirs(FLAGS.workdir, exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
@@ -179,7 +189,7 @@ def run() -> dict:
     start = grpo.evaluate(sft_params, heldout, task, eval_key, cfg=cfg, n_samples=FLAGS.group_size)
     console(f"sft ({sft_steps} steps) on held-out: " + json.dumps(start))
     summary: dict = {"sft_greedy_acc": start["greedy_acc"], "sft_pass1": start["pass1"], "sft_pass8": start["pass_n"],
-                     "sft_steps": sft_steps}
+                     "sft_steps": sft_steps, "sft_time_s": time.perf_counter() - wall_start}
 
     writer = MetricsWriter(FLAGS.workdir)
     curve_problems = heldout[: FLAGS.curve_problems]
@@ -193,10 +203,11 @@ def run() -> dict:
 
         def on_iter(it: int, params: model.Params, record: dict, arm: str = arm) -> None:
             if it % FLAGS.eval_every == 0 or it == 1:
-                record["heldout_greedy_acc"] = grpo.evaluate(params, curve_problems, task, eval_key, cfg=cfg,
-                                                             chunk=256, sampled=False)["greedy_acc"]
+                point = grpo.evaluate(params, curve_problems, task, eval_key, cfg=cfg, n_samples=FLAGS.group_size)
+                record["heldout_greedy_acc"], record["heldout_pass1"] = point["greedy_acc"], point["pass1"]
                 console(f"{arm} iter {it}: reward {record['reward']:.3f}, held-out greedy "
-                        f"{record['heldout_greedy_acc']:.3f}, kl {record.get('kl', 0):.4f}, zero-var groups "
+                        f"{record['heldout_greedy_acc']:.3f} pass@1 {record['heldout_pass1']:.3f}, "
+                        f"kl {record.get('kl', 0):.4f}, zero-var groups "
                         f"{record['zero_var_frac']:.2f}, clip {record['clip_frac']:.3f}, "
                         f"entropy {record['entropy']:.3f}, {record['time_s']:.0f}s")
             writer.write(it, {f"{arm}/{k}": v for k, v in record.items() if k != "iter" and math.isfinite(v)})
@@ -206,6 +217,7 @@ def run() -> dict:
             sft_params, ref_params=sft_params, cfg=cfg, gc=gcs[arm], tc=tc, task=task, problems=train_problems,
             key=jax.random.fold_in(key, 2), max_iters=FLAGS.iters * (10 if arm == "rft" and budget else 1),
             token_budget=budget if arm == "rft" else None, on_iter=on_iter,
+            time_budget_s=None if arm == "rft" or FLAGS.arm_minutes is None else 60 * FLAGS.arm_minutes,
         )
         if budget is None and arm != "rft":
             budget = history[-1]["sampled_tokens"]
@@ -227,10 +239,12 @@ def run() -> dict:
     writer.close()
     plot(curves, os.path.join(FLAGS.workdir, "curves.png"))
     summary["wall_time_s"] = time.perf_counter() - wall_start
+    summary["cpu_time_s"] = time.process_time() - cpu_start
     with open(os.path.join(FLAGS.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     console(json.dumps({k: summary[k] for k in ("sft_greedy_acc", "grpo_greedy_acc", "grpo_pass1", "grpo_pass8",
-                                                "sft_pass8", "dr_grpo_greedy_acc", "rft_greedy_acc", "wall_time_s")}))
+                                                "sft_pass8", "dr_grpo_greedy_acc", "rft_greedy_acc", "wall_time_s",
+                                                "cpu_time_s")}))
     return summary
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from llmjax import model
-from llmjax.config import ModelConfig
+from llmjax.config import ModelConfig, TrainConfig
 from llmjax.errors import UserError
-from llmjax.rl import grpo, kl, rollout
+from llmjax.rl import grpo, kl, rollout, tasks
 
 # ----------------------------------------------------------------------------------------------------- advantages
 
@@ -44,6 +44,17 @@ def test_rollout_stats():
     assert stats["zero_var_frac"] == 0.75
     assert stats["reward"] == 3 / 8
     assert stats["len_correct"] == 3.0 and stats["len_incorrect"] == 5.0
+
+
+def test_sample_stats_from_the_sampler_logprobs():
+    """Entropy −mean log π and k3 KL over response tokens only; slots after the stop token (mask 0) are ignored."""
+    batch = {"mask_BN": jnp.array([[1.0, 1.0, 0.0]]), "old_logp_BN": jnp.log(jnp.array([[0.5, 0.25, 1.0]])),
+             "ref_logp_BN": jnp.log(jnp.array([[0.25, 0.5, 0.01]]))}
+    stats = grpo.sample_stats(batch)
+    assert float(stats["entropy"]) == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+    # r = 0.5 and 2: k3 = (−0.5 + log 2) and (1 − log 2), mean 0.25.
+    assert float(stats["kl"]) == pytest.approx(0.25, rel=1e-6)
+    assert "kl" not in grpo.sample_stats({k: v for k, v in batch.items() if k != "ref_logp_BN"})
 
 
 # ---------------------------------------------------------------------------------------------------------- KL
@@ -148,6 +159,18 @@ def test_rft_weights_keep_only_correct_samples():
     made = grpo.make_batch(rollout_, np.array([1, 0, 0, 1], np.float32), grpo.GRPOConfig(loss="rft", group_size=2),
                            None)
     np.testing.assert_allclose(made["weight_BN"].sum(-1), [3 / 7, 0, 0, 4 / 7], rtol=1e-6)  # 7 kept tokens
+
+
+def test_train_stops_at_the_time_budget():
+    """The budget is checked before each iteration: a spent budget returns the starting params and no history."""
+    task = tasks.make_task("addition")
+    cfg = ModelConfig(vocab_size=tasks.VOCAB_SIZE, block_size=12, n_layer=1, n_head=2, n_embd=16).validate()
+    params = model.init(cfg, jax.random.key(0))
+    out, history = grpo.train(params, ref_params=params, cfg=cfg, gc=grpo.GRPOConfig(), tc=TrainConfig(),
+                              task=task, problems=task.problems[:64], key=jax.random.key(0), max_iters=5,
+                              time_budget_s=0.0)
+    assert history == []
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), out, params))
 
 
 def test_config_validation():

@@ -12,7 +12,9 @@ policy per token (β = 0 skips the reference). How token losses are summed is th
            other piece (sampling, budget accounting, evaluation) with the RL losses.
 
 `train` runs the loop: sample → verify → advantages → `num_updates` steps of the shared `make_train_step` on the
-same rollouts (ratios against the sampling policy's log-probs) → diagnostics.
+same rollouts (ratios against the sampling policy's log-probs). Entropy and KL to the reference are estimated from
+the sampler's own log-probs, so logging costs no extra forward pass; the clip fraction needs one, and is only
+measured when μ > 1 (with μ = 1 every ratio is exactly 1).
 """
 
 from __future__ import annotations
@@ -140,6 +142,21 @@ def diagnostics(params: model.Params, batch: Batch, *, cfg: ModelConfig, gc: GRP
     return out
 
 
+@jax.jit
+def sample_stats(batch: Batch) -> dict[str, jax.Array]:
+    """Free estimates from the sampler's own log-probs: entropy −E[log π] and k3 KL to the reference per token.
+
+    The responses were drawn from the sampling policy, so these are the Monte Carlo estimates at the policy that
+    produced the batch (before its update), at no extra forward pass.
+    """
+    mask_BN = batch["mask_BN"]
+    n = jnp.maximum(mask_BN.sum(), 1.0)
+    out = {"entropy": -jnp.sum(batch["old_logp_BN"] * mask_BN) / n}
+    if "ref_logp_BN" in batch:
+        out["kl"] = jnp.sum(kl.k3(batch["old_logp_BN"], batch["ref_logp_BN"]) * mask_BN) / n
+    return out
+
+
 _ref_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "temperature"))
 
 
@@ -226,9 +243,11 @@ def train(
     key: jax.Array,
     max_iters: int,
     token_budget: int | None = None,
+    time_budget_s: float | None = None,
     on_iter: Callable[[int, model.Params, dict[str, float]], None] | None = None,
 ) -> tuple[model.Params, list[dict[str, float]]]:
-    """Run `max_iters` iterations (or until `token_budget` response tokens have been sampled): (params, history).
+    """Run `max_iters` iterations, or fewer once `token_budget` response tokens have been sampled or `time_budget_s`
+    seconds have passed (checked between iterations): (params, history).
 
     Iteration i draws its prompts from `problems` as a pure function of (tc.seed, i). `ref_params` is needed when
     β > 0 and otherwise only used to log KL. `on_iter(i, params, record)` may add entries to the record (evals).
@@ -246,6 +265,8 @@ def train(
     for it in range(max_iters):
         if token_budget is not None and sampled_tokens >= token_budget:
             break
+        if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
+            break
         rng = np.random.default_rng([tc.seed, it])
         idx = rng.choice(len(problems), gc.prompts_per_iter, replace=False)
         it_key = jax.random.fold_in(key, it)
@@ -260,13 +281,17 @@ def train(
                                         rollout["tokens_BN"], cfg=cfg, temperature=gc.temperature)[0]
         batch = make_batch(rollout, rewards_B, gc, ref_logp_BN)
         micro = add_micro_axis(batch)
-        for _ in range(gc.num_updates):
+        clip = {}
+        for update in range(gc.num_updates):
+            if update == gc.num_updates - 1 and update > 0:  # μ = 1 is on-policy: the ratio is 1, nothing clips
+                clip = {k: float(v) for k, v in diagnostics(state["params"], batch, cfg=cfg, gc=gc).items()
+                        if k in ("clip_frac", "ratio")}
             state, metrics = step_fn(state, micro, it_key)
         sampled_tokens += int(lengths_B.sum())
         record = {
             "iter": it + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            **rollout_stats(rewards_B, lengths_B, gc.group_size),
-            **{k: float(v) for k, v in diagnostics(state["params"], batch, cfg=cfg, gc=gc).items()},
+            **rollout_stats(rewards_B, lengths_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0, **clip,
+            **{k: float(v) for k, v in sample_stats(batch).items()},
             "sampled_tokens": sampled_tokens, "time_s": time.perf_counter() - start,
         }
         if on_iter is not None:
