@@ -4,11 +4,14 @@
     python -m experiments.scaling_laws --tier=cpu --action=plan     # dry run: FLOPs and estimated time per run
     python -m experiments.scaling_laws --tier=cpu                   # calibrate lr, sweep, fit, report (resumable)
     python -m experiments.scaling_laws --tier=cpu --action=fit      # refit from the recorded runs only
+    python -m experiments.scaling_laws --tier=cpu --action=verify   # retrain one recorded run, compare its loss
     python -m experiments.scaling_laws --tier=gpu --action=plan --nomeasure   # FLOPs and tokens, no timing
 
 Actions: `plan` prints the dry run; `run` measures throughput (once), runs the learning-rate calibration, fits
 lr* ∝ N^-γ and runs the IsoFLOP sweep; `fit` writes summary.json; `report` writes the plots and report.md; `all`
-(default) does run, fit and report. Rerunning with the same --workdir skips every finished run (by config hash).
+(default) does run, fit and report; `verify` retrains recorded runs (--verify_hash, default the cheapest sweep run)
+in this process and fails unless each final loss matches its record within 1e-5. Rerunning with the same --workdir
+skips every finished run (by config hash).
 --workers=2 trains in two processes (one CPU device each), which keeps both cores of a 2-core machine busy.
 
 Tiers: `smoke` tiny budgets for CI; `cpu` the embedded Python-stdlib corpus, byte-level, depth 2, widths of
@@ -21,7 +24,8 @@ isoflop.png, optimal_scaling.png, frontier.png, approach3.png. summary.json keys
     a_approach2               approach 2 exponent of N*(C) ∝ C^a, total parameters, C = 6·N·D
     a_approach2_nonembedding  the same with non-embedding parameters and C = 6·N_non-embedding·D (Kaplan)
     a_loo_spread              max − min of a_approach2 over leave-one-budget-out fits
-    holdout_loss_rel_err      |L* predicted from the smaller budgets − L* fitted| / L* at the largest budget
+    holdout_loss_rel_err      |L* predicted from the smaller budgets − L* fitted| / L* at the largest budget, the
+                              prediction from L*(C) = E + k·C^γ with E of approach 3 on the smaller budgets' runs
     holdout_nstar_ratio       max(pred/fit, fit/pred) of N* at the largest budget, from the smaller budgets
     approach3                 E, A, B, alpha, beta per convention, starts converged, held-out error
     budgets                   per budget: n_star, d_star, l_star, tokens_per_param, interior
@@ -59,7 +63,7 @@ TIERS = {
     "cpu": plan.SweepConfig(
         budgets=(1e11, 3e11, 1e12, 3e12), widths=(6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 72, 80, 96),
         sizes_per_budget=6, block_size=64, batch_size=16, calib_budget=1e11, prior_tokens_per_param=80.0,
-        prior_lr=1e-2, prior_lr_gamma=0.5,
+        prior_lr=1e-2, prior_lr_gamma=0.5, eval_batches=32,
     ),
     "gpu": plan.SweepConfig(
         budgets=(1e17, 3e17, 1e18, 3e18), widths=tuple(range(256, 2049, 128)), depth=12, sizes_per_budget=8,
@@ -79,7 +83,8 @@ FIT_SETTINGS = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "smoke", list(TIERS), "sweep size: smoke (CI), cpu (this machine), gpu (pods)")
-flags.DEFINE_enum("action", "all", ["all", "plan", "run", "fit", "report"], "what to do (see the docstring)")
+flags.DEFINE_enum("action", "all", ["all", "plan", "run", "fit", "report", "verify"],
+                  "what to do (see the docstring)")
 flags.DEFINE_string("workdir", None, "outputs; rerunning with it resumes (default runs/scaling_<tier>)")
 flags.DEFINE_string("data", None, "override the tier's --data source (pystdlib | text:PATH | hf:NAME[:CONFIG])")
 flags.DEFINE_string("data_cache", None, "token cache root (default ~/.cache/llmjax/data)")
@@ -90,6 +95,7 @@ flags.DEFINE_integer("workers", 1, "train runs in this many parallel processes (
                      "2-core CPU, 2 workers keep both cores busy with tiny models")
 flags.DEFINE_integer("worker", -1, "internal: the index of a worker process started by --workers")
 flags.DEFINE_enum("phase", "sweep", ["calibration", "sweep"], "internal: which runs a worker process trains")
+flags.DEFINE_list("verify_hash", [], "verify: run hashes to retrain (default: the cheapest recorded sweep run)")
 flags.DEFINE_bool("measure", True, "plan: measure throughput if throughput.json is missing (else print no times)")
 
 
@@ -255,6 +261,30 @@ def report_main(sweep: plan.SweepConfig) -> None:
     console(f"wrote report.md and plots to {workdir()}")
 
 
+def verify_main(sweep: plan.SweepConfig) -> None:
+    """Retrain recorded runs from their specs and compare final losses: runs must be reproducible to 1e-5."""
+    records = runner.ResultStore(os.path.join(workdir(), "results.jsonl")).load()
+    ok = [r for r in records.values() if r["status"] == "ok" and r["spec"]["kind"] == "sweep"]
+    if not ok:
+        raise UserError(f"no finished sweep runs in {workdir()}: run --action=run first")
+    missing = [h for h in FLAGS.verify_hash if h not in records]
+    if missing:
+        raise UserError(f"--verify_hash {missing} not recorded in {workdir()}: use hashes from results.jsonl")
+    chosen = [records[h] for h in FLAGS.verify_hash] or [min(ok, key=lambda r: r["run_wall_s"])]
+    trainer = build_trainer(sweep)
+    worst = 0.0
+    for r in chosen:
+        spec = plan.RunSpec(**{**r["spec"], "eval_fractions": tuple(r["spec"]["eval_fractions"])})
+        if spec.run_hash() != r["hash"]:
+            raise UserError(f"run {r['hash']} does not hash to its spec: results.jsonl is from another version")
+        loss = trainer(spec)["final_loss"]
+        worst = max(worst, abs(loss - r["final_loss"]))
+        console(f"verify {r['hash']} C={spec.budget:.0e} d={spec.width}: recorded {r['final_loss']:.7f}, retrained "
+                f"{loss:.7f}, |diff| {abs(loss - r['final_loss']):.2e}")
+    if not worst <= 1e-5:
+        raise UserError(f"a retrained run differs from its record by {worst:.2e} > 1e-5: training is not reproducible")
+
+
 def _write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
@@ -277,6 +307,8 @@ def main(argv: list[str]) -> None:
             fit_main(sweep)
         if FLAGS.action in ("report", "all"):
             report_main(sweep)
+        if FLAGS.action == "verify":
+            verify_main(sweep)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -157,12 +157,45 @@ def test_approach2_recovers_a_known_exponent_exactly() -> None:
     assert held["nstar_ratio"] == pytest.approx(1.0, abs=1e-6) and held["loss_rel_err"] < 1e-6
 
 
+def test_isoflop_parabola_weights_runs_by_tokens() -> None:
+    """Exact parabolas are fitted exactly; with loss noise that grows as runs get shorter (σ ∝ 1/D, as replicated
+    cpu-tier runs show), weighting by D locates N* better than equal weights."""
+    n = 1e4 * np.geomspace(0.25, 4, 6)
+    c = 1e12
+    d = c / (6 * n)
+    loss = 2.0 + 0.2 * np.log(n / 1e4) ** 2
+
+    def log_err(loss: np.ndarray) -> float:
+        runs = fits.Runs(group=np.full(6, c), n=n, d=d, c=np.full(6, c), loss=loss)
+        return math.log(fits.fit_isoflop(runs, c).n_star / 1e4)
+
+    assert log_err(loss) == pytest.approx(0.0, abs=1e-9)
+    noise = np.random.default_rng(0).normal(0, 1, (200, 6)) * 0.005 * d.max() / d
+    weighted = [log_err(loss + e) for e in noise]
+    unweighted = [-p[1] / (2 * p[0]) - math.log(1e4) for p in (np.polyfit(np.log(n), loss + e, 2) for e in noise)]
+    assert np.sqrt(np.mean(np.square(weighted))) < 0.95 * np.sqrt(np.mean(np.square(unweighted)))
+
+
 def test_approach2_on_the_surface_recovers_beta_over_alpha_plus_beta() -> None:
     fit = fits.approach2(isoflop_runs(noise=0.002))
     assert fit.n_star.exponent == pytest.approx(A_TRUE, abs=0.03)
     assert fit.d_star.exponent == pytest.approx(1 - A_TRUE, abs=0.03)
     ci = fits.bootstrap_approach2(isoflop_runs(noise=0.002), n_boot=50)
     assert ci["a"][0] <= fit.n_star.exponent <= ci["a"][1]
+
+
+def test_loss_frontier_above_the_irreducible_loss() -> None:
+    """On the surface L*(C) = E + K·C^(−αβ/(α+β)): with E given, approach 2 recovers that exponent and predicts the
+    held-out largest budget's L* far better than a plain power law (which bends the wrong way)."""
+    runs = isoflop_runs(budgets=(1e18, 3e18, 1e19, 3e19, 1e20))
+    fit = fits.approach2(runs, irreducible=E)
+    assert fit.l_star.irreducible == E
+    assert fit.l_star.exponent == pytest.approx(-ALPHA * BETA / (ALPHA + BETA), abs=0.005)
+    with_e, plain = fits.holdout(runs, irreducible=E), fits.holdout(runs)
+    assert with_e["loss_rel_err"] < 1e-3 < plain["loss_rel_err"]
+    assert with_e["l_star_pred"] > plain["l_star_pred"]
+    # E at or above some L* leaves no power law above it: the frontier falls back to E = 0.
+    assert fits.approach2(runs, irreducible=10.0).l_star.irreducible == 0.0
 
 
 def test_approach3_recovers_the_surface() -> None:

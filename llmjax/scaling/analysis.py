@@ -45,14 +45,16 @@ def curve_points(records: list[Record], convention: str) -> tuple[np.ndarray, ..
     return tuple(np.array(col, float) for col in zip(*rows, strict=True))
 
 
-def _approach2_summary(runs: fits.Runs, n_boot: int) -> dict[str, Any]:
-    fit = fits.approach2(runs)
+def _approach2_summary(runs: fits.Runs, n_boot: int, irreducible: float, irreducible_heldout: float) -> dict[str, Any]:
+    """`irreducible`: approach 3's E on these runs; `irreducible_heldout`: on all but the largest budget's runs."""
+    fit = fits.approach2(runs, irreducible)
     loo = fits.leave_one_budget_out(runs)
     out: dict[str, Any] = {
         "a": fit.n_star.exponent, "b": fit.d_star.exponent, "l_exponent": fit.l_star.exponent,
         "n_star_coef": fit.n_star.coef, "d_star_coef": fit.d_star.coef, "l_star_coef": fit.l_star.coef,
+        "l_star_irreducible": fit.l_star.irreducible,
         "loo_a": loo, "loo_spread": max(loo) - min(loo) if loo else math.nan,
-        "ci90": fits.bootstrap_approach2(runs, n_boot=n_boot),
+        "ci90": fits.bootstrap_approach2(runs, n_boot=n_boot, irreducible=fit.l_star.irreducible),
         "budgets": {
             budget_key(f.group): {
                 "n_star": f.n_star, "d_star": f.d_star, "c_star": f.c_star, "l_star": f.l_star,
@@ -62,12 +64,22 @@ def _approach2_summary(runs: fits.Runs, n_boot: int) -> dict[str, Any]:
             for f in fit.fits
         },
     }
-    out["holdout"] = fits.holdout(runs) if len(np.unique(runs.group)) >= 3 else None
+    out["holdout"] = fits.holdout(runs, irreducible_heldout) if len(np.unique(runs.group)) >= 3 else None
     return out
 
 
-def _approach3_summary(runs: fits.Runs, grid: dict | None, n_boot: int) -> dict[str, Any]:
+def _approach3_fits(runs: fits.Runs, grid: dict | None) -> tuple[fits.Approach3, fits.Approach3 | None]:
+    """Approach 3 on all runs, and on all but the largest budget's runs (None with fewer than three budgets)."""
+    groups = np.unique(runs.group)
     fit = fits.approach3(runs.n, runs.d, runs.loss, grid=grid)
+    if len(groups) < 3:
+        return fit, None
+    train = runs.take(runs.group != groups[-1])
+    return fit, fits.approach3(train.n, train.d, train.loss, grid=grid)
+
+
+def _approach3_summary(runs: fits.Runs, fit: fits.Approach3, held: fits.Approach3 | None,
+                       n_boot: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta,
         "a": fit.beta / (fit.alpha + fit.beta), "b": fit.alpha / (fit.alpha + fit.beta),
@@ -75,9 +87,8 @@ def _approach3_summary(runs: fits.Runs, grid: dict | None, n_boot: int) -> dict[
         "ci90": fits.bootstrap_approach3(runs.n, runs.d, runs.loss, fit, n_boot=n_boot),
     }
     groups = np.unique(runs.group)
-    if len(groups) >= 3:  # held out: fit without the largest budget, predict its runs and its optimum
+    if held is not None:  # held out: fit without the largest budget, predict its runs and its optimum
         largest = runs.group == groups[-1]
-        held = fits.approach3(runs.n[~largest], runs.d[~largest], runs.loss[~largest], grid=grid)
         pred = held.loss(runs.n[largest], runs.d[largest])
         n_opt, d_opt = held.optimal(groups[-1])
         out["heldout_loss_rel_err"] = float(np.mean(np.abs(pred - runs.loss[largest]) / runs.loss[largest]))
@@ -94,18 +105,23 @@ def _approach3_summary(runs: fits.Runs, grid: dict | None, n_boot: int) -> dict[
 def summarize(records: list[Record], sweep: SweepConfig, grid: dict | None = None, n_boot: int = 200) -> dict:
     """The summary.json content (all keys but wall_time_s / tier / lr_law, which the experiment adds)."""
     approaches: dict[str, Any] = {}
+    # Approach 3 fits L(N, D), which involves no FLOP convention: the `attention` convention counts N as
+    # `chinchilla` does, so it shares that fit (and its irreducible loss E for the L*(C) frontier).
+    a3_fits = {conv: _approach3_fits(runs_for(records, conv), grid) for conv in APPROACH3_CONVENTIONS}
+    a3_fits["attention"] = a3_fits["chinchilla"]
     for convention in ("kaplan", "chinchilla", "attention"):
         runs = runs_for(records, convention)
         c, n, d, loss = curve_points(records, convention)
         a1 = fits.approach1(c, n, d, loss)
+        a3_all, a3_held = a3_fits[convention]
         approaches[convention] = {
             "approach1": {"a": a1.n_star.exponent if a1.n_star else math.nan,
                           "b": a1.d_star.exponent if a1.d_star else math.nan,
                           "envelope": [[float(x) for x in p] for p in zip(a1.c, a1.n, a1.d, a1.loss, strict=True)]},
-            "approach2": _approach2_summary(runs, n_boot),
+            "approach2": _approach2_summary(runs, n_boot, a3_all.E, a3_held.E if a3_held else math.nan),
         }
         if convention in APPROACH3_CONVENTIONS:
-            approaches[convention]["approach3"] = _approach3_summary(runs, grid, n_boot // 2)
+            approaches[convention]["approach3"] = _approach3_summary(runs, a3_all, a3_held, n_boot // 2)
     main = approaches["chinchilla"]["approach2"]
     budgets = {k: {key: v[key] for key in ("n_star", "d_star", "l_star", "tokens_per_param", "interior")}
                for k, v in main["budgets"].items()}
@@ -164,6 +180,7 @@ def _f(x: float | None, spec: str = ".3f") -> str:
 
 def report_markdown(summary: dict, records: list[Record], tier: str) -> str:
     """A human-readable report: criteria, per-budget optima, exponents per approach and convention, all runs."""
+    main = summary["approaches"]["chinchilla"]["approach2"]
     lines = [f"# Scaling laws — tier `{tier}`", "",
              f"{summary['n_runs']} sweep runs ({summary['n_failed']} failed records), recorded wall time "
              f"{summary['wall_time_s'] / 60:.1f} min.", "", "## Acceptance criteria", "",
@@ -174,6 +191,8 @@ def report_markdown(summary: dict, records: list[Record], tier: str) -> str:
               f"{_f(summary['a_approach2_nonembedding'])}; leave-one-budget-out spread {_f(summary['a_loo_spread'])}",
               f"- hold-out (fit on smaller budgets, predict the largest): L* rel. error "
               f"{_f(summary['holdout_loss_rel_err'], '.2%')}, N* ratio {_f(summary['holdout_nstar_ratio'], '.2f')}",
+              f"- loss frontier L*(C) = E + k·C^γ with E from approach 3 on the same runs: "
+              f"{_f(main['l_star_irreducible'])} + {_f(main['l_star_coef'], '.3g')}·C^{_f(main['l_exponent'])}",
               "", "## Compute-optimal models (approach 2, C = 6·N_total·D)", "",
               "| budget | N* | D* | tokens/param | L* | interior |", "|---|---|---|---|---|---|"]
     for key, b in sorted(summary["budgets"].items(), key=lambda kv: float(kv[0])):

@@ -1,7 +1,9 @@
 """The three Chinchilla estimators of compute-optimal scaling, on plain arrays (one entry per run or curve point).
 
 - Approach 1: the envelope of the loss-vs-FLOPs curves of all runs; the model size on the envelope at each C.
-- Approach 2: per IsoFLOP budget a parabola of loss in log N; its vertex is N*(C); power laws through the vertices.
+- Approach 2: per IsoFLOP budget a parabola of loss in log N (weighted by training tokens, see `fit_isoflop`); its
+  vertex is N*(C); power laws through the vertices
+  for N*(C) and D*(C), and for L*(C) a power law above an irreducible loss E (see `LossFrontier`).
 - Approach 3: L(N, D) = E + A/N^α + B/D^β, fitted with a Huber loss on log L by L-BFGS from a grid of starts
   (all starts advance together, vectorised);
   with C = 6·N·D its optimum is closed-form: N_opt = G·(C/6)^(β/(α+β)), D_opt = G^-1·(C/6)^(α/(α+β)),
@@ -51,6 +53,35 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
     return PowerLaw(coef=float(np.exp(intercept)), exponent=float(slope))
 
 
+@dataclass(frozen=True)
+class LossFrontier:
+    """L*(C) = E + coef·C^exponent: the compute-optimal loss as a power law above the irreducible loss E.
+
+    Under L(N, D) = E + A/N^α + B/D^β the optimal loss is exactly E + K·C^(−αβ/(α+β)), so L* bends towards E and a
+    straight line in log L* (E = 0) extrapolates too low. Three or four IsoFLOP vertices cannot pin E down, so E is
+    given: approach 3's E, fitted to the same runs. If E is not below every L*, the law falls back to E = 0.
+    """
+
+    irreducible: float
+    law: PowerLaw
+
+    @property
+    def coef(self) -> float:
+        return self.law.coef
+
+    @property
+    def exponent(self) -> float:
+        return self.law.exponent
+
+    def __call__(self, c: float | np.ndarray) -> float | np.ndarray:
+        return self.irreducible + self.law(c)
+
+
+def fit_loss_frontier(c: np.ndarray, l_star: np.ndarray, irreducible: float = 0.0) -> LossFrontier:
+    e = irreducible if math.isfinite(irreducible) and 0.0 <= irreducible < np.min(l_star) else 0.0
+    return LossFrontier(irreducible=float(e), law=fit_power_law(c, l_star - e))
+
+
 # ---------------------------------------------------------------------------------------------------- approach 2
 
 
@@ -70,10 +101,16 @@ class IsoFlopFit:
 
 
 def fit_isoflop(runs: Runs, group: float) -> IsoFlopFit:
-    """The vertex of the parabola through one budget's runs; D* and C* interpolated log-linearly in log N there."""
+    """The vertex of the parabola through one budget's runs; D* and C* interpolated log-linearly in log N there.
+
+    Weighted least squares with weight ∝ D (tokens trained; ∝ optimizer steps at a fixed batch): a short run's final
+    loss is far noisier than a long one's (replicated cpu-tier runs differ by 0.1 nats rms under 1,000 steps, by
+    0.01–0.02 above), so its noise variance is taken ∝ 1/D. Within a budget D ∝ 1/N, so the largest models count
+    least.
+    """
     sel = runs.take(runs.group == group)
     u = np.log(sel.n)
-    p2, p1, p0 = np.polyfit(u, sel.loss, 2)
+    p2, p1, p0 = np.polyfit(u, sel.loss, 2, w=np.sqrt(sel.d / sel.d.max()))  # polyfit's w is 1/σ
     # Without positive curvature there is no minimum: take the best run as the (edge) estimate.
     u_star = -p1 / (2 * p2) if p2 > 0 else float(u[np.argmin(sel.loss)])
     l_star = float(np.polyval([p2, p1, p0], u_star))
@@ -92,11 +129,12 @@ class Approach2:
     fits: tuple[IsoFlopFit, ...]
     n_star: PowerLaw  # N*(C)
     d_star: PowerLaw  # D*(C)
-    l_star: PowerLaw  # L*(C)
+    l_star: LossFrontier  # L*(C)
 
 
-def approach2(runs: Runs) -> Approach2:
-    """Parabola per budget, then power laws of the vertices against the compute at the vertex.
+def approach2(runs: Runs, irreducible: float = 0.0) -> Approach2:
+    """Parabola per budget, then power laws of the vertices against the compute at the vertex; L*(C) above the
+    irreducible loss `irreducible` (E of approach 3 on the same runs; 0: a plain power law).
 
     Budgets with fewer than three finished runs (no parabola) are left out.
     """
@@ -109,7 +147,7 @@ def approach2(runs: Runs) -> Approach2:
         fits=fits,
         n_star=fit_power_law(c, np.array([f.n_star for f in fits])),
         d_star=fit_power_law(c, np.array([f.d_star for f in fits])),
-        l_star=fit_power_law(c, np.array([f.l_star for f in fits])),
+        l_star=fit_loss_frontier(c, np.array([f.l_star for f in fits]), irreducible),
     )
 
 
@@ -119,21 +157,27 @@ def leave_one_budget_out(runs: Runs) -> list[float]:
     return [approach2(runs.take(runs.group != g)).n_star.exponent for g in groups] if len(groups) >= 3 else []
 
 
-def holdout(runs: Runs) -> dict[str, float]:
-    """Fit on every budget but the largest, predict N* and L* at the largest budget's compute, compare."""
+def holdout(runs: Runs, irreducible: float = 0.0) -> dict[str, float]:
+    """Fit on every budget but the largest, predict N* and L* at the largest budget's compute, compare.
+
+    `irreducible` must come from the smaller budgets only (approach 3 fitted without the largest), or the
+    prediction would see the answer.
+    """
     groups = np.unique(runs.group)
     target = fit_isoflop(runs, groups[-1])
-    train = approach2(runs.take(runs.group != groups[-1]))
+    train = approach2(runs.take(runs.group != groups[-1]), irreducible)
     n_pred, l_pred = float(train.n_star(target.c_star)), float(train.l_star(target.c_star))
     return {
         "n_star_pred": n_pred, "n_star_fit": target.n_star, "l_star_pred": l_pred, "l_star_fit": target.l_star,
+        "irreducible": train.l_star.irreducible,
         "loss_rel_err": abs(l_pred - target.l_star) / target.l_star,
         "nstar_ratio": max(n_pred / target.n_star, target.n_star / n_pred),
     }
 
 
-def bootstrap_approach2(runs: Runs, n_boot: int = 200, seed: int = 0, level: float = 0.9) -> dict[str, list[float]]:
-    """Percentile intervals of the N*(C), D*(C), L*(C) exponents, resampling runs within each budget.
+def bootstrap_approach2(runs: Runs, n_boot: int = 200, seed: int = 0, level: float = 0.9,
+                        irreducible: float = 0.0) -> dict[str, list[float]]:
+    """Percentile intervals of the N*(C), D*(C), L*(C) exponents, resampling runs within each budget (E held fixed).
 
     Resamples with fewer than three distinct sizes in some budget (no parabola) are skipped.
     """
@@ -146,9 +190,10 @@ def bootstrap_approach2(runs: Runs, n_boot: int = 200, seed: int = 0, level: flo
         if any(len(np.unique(runs.n[p])) < 3 for p in picks):
             continue
         with np.errstate(invalid="ignore"):  # a resampled parabola can put L* at or below zero: no power law
-            fit = approach2(runs.take(np.concatenate(picks)))
+            fit = approach2(runs.take(np.concatenate(picks)), irreducible)
         exponents = (fit.n_star.exponent, fit.d_star.exponent, fit.l_star.exponent)
-        if all(np.isfinite(exponents)):
+        # a resample with some L* at or below E has no frontier of this form: skipped, not refitted with E = 0
+        if all(np.isfinite(exponents)) and fit.l_star.irreducible == irreducible:
             for key, value in zip("abl", exponents, strict=True):
                 samples[key].append(value)
     lo, hi = 50 * (1 - level), 50 * (1 + level)

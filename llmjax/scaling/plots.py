@@ -90,7 +90,9 @@ def _frontier(path: str, conv: dict, records: list[Record]) -> str:
     c = np.array([b["c_star"] for _, b in budgets])
     ax.plot(c, [b["l_star"] for _, b in budgets], "*", color="k", markersize=12, label="approach 2 L*")
     grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
-    ax.plot(grid, a2["l_star_coef"] * grid ** a2["l_exponent"], label=f"L* ∝ C^{a2['l_exponent']:.3f}")
+    e = a2["l_star_irreducible"]
+    ax.plot(grid, e + a2["l_star_coef"] * grid ** a2["l_exponent"],
+            label=f"L* = {e:.2f} + {a2['l_star_coef']:.3g}·C^{a2['l_exponent']:.3f}")
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="validation loss", title="loss frontier")
     ax.legend()
     fig.tight_layout()
