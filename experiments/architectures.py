@@ -61,7 +61,7 @@ from absl import app, flags, logging
 from llmjax import data as data_lib
 from llmjax import lora, model, train
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.errors import UserError
+from llmjax.errors import UserError, exit_on_error
 from llmjax.metrics import console
 from llmjax.optim import make_optimizer
 
@@ -786,14 +786,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.smoke:  # before JAX's backend starts: compiling a dozen programs dominates the smoke run, and without
         # LLVM's optimisations it takes half the time (the tiny steps run slower, but they are not the cost)
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_error(run)
 
 
 if __name__ == "__main__":

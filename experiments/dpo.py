@@ -32,7 +32,6 @@ and summary.json with keys
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -40,7 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import rlhf_ppo
-from llmjax.errors import UserError
+from llmjax.errors import UserError, exit_on_error
 from llmjax.metrics import console
 from llmjax.rl import dpo, pipeline, world
 
@@ -201,11 +200,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     logging.set_verbosity(logging.WARNING)
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(run)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,7 +39,7 @@ from llmjax import config as config_lib  # noqa: E402
 from llmjax import data as data_lib  # noqa: E402
 from llmjax import distributed, flops, model, sharding, train  # noqa: E402
 from llmjax.checkpoint import Checkpointer  # noqa: E402
-from llmjax.errors import UserError  # noqa: E402
+from llmjax.errors import UserError, exit_on_error  # noqa: E402
 from llmjax.generate import SamplingConfig, sample_long  # noqa: E402
 from llmjax.metrics import console  # noqa: E402
 from llmjax.optim import make_optimizer  # noqa: E402
@@ -229,7 +228,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    try:
+
+    def body() -> None:
         distributed.maybe_initialize()  # before anything touches devices
         if FLAGS.compile_only:
             compile_main()
@@ -237,12 +237,8 @@ def main(argv: list[str]) -> None:
             train_main()
         else:
             sample_main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+
+    exit_on_error(body)
 
 
 if __name__ == "__main__":

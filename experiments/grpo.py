@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -47,7 +46,7 @@ from absl import app, flags
 
 from llmjax import model
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.errors import UserError
+from llmjax.errors import UserError, exit_on_error
 from llmjax.metrics import MetricsWriter, console
 from llmjax.optim import make_optimizer
 from llmjax.rl import grpo, tasks
@@ -251,11 +250,7 @@ def run() -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(run)
 
 
 if __name__ == "__main__":

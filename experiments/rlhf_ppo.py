@@ -33,14 +33,13 @@ config.json. summary.json keys (means over --seeds; each also as `{key}_seeds`, 
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from llmjax.errors import UserError
+from llmjax.errors import UserError, exit_on_error
 from llmjax.metrics import MetricsWriter, console
 from llmjax.rl import pipeline, ppo, world
 
@@ -194,11 +193,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     logging.set_verbosity(logging.WARNING)
-    try:
-        run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(run)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from llmjax import data as data_lib  # noqa: E402
 from llmjax import sharding  # noqa: E402
-from llmjax.errors import UserError  # noqa: E402
+from llmjax.errors import UserError, exit_on_error  # noqa: E402
 from llmjax.metrics import console  # noqa: E402
 from llmjax.scaling import analysis, plan, plots, runner  # noqa: E402
 
@@ -297,7 +297,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
     logging.set_verbosity(logging.WARNING)
-    try:
+
+    def body() -> None:
         sweep = sweep_config()
         if FLAGS.action == "plan":
             plan_main(sweep)
@@ -309,9 +310,8 @@ def main(argv: list[str]) -> None:
             report_main(sweep)
         if FLAGS.action == "verify":
             verify_main(sweep)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    exit_on_error(body)
 
 
 if __name__ == "__main__":

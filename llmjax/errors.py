@@ -1,8 +1,30 @@
-"""The one exception type for bad user input (flags, files, configs, checkpoints).
+"""The exceptions an entry point turns into a one-line message and a non-zero exit.
 
-Raised at the edge, before any compute. Entry points catch it, print its one-line message and exit non-zero.
+`UserError` (bad flags, files, configs, checkpoints) is raised at the edge, before any compute; `TrainingDiverged`
+when a loss turns NaN/Inf. Every experiment's `main` runs its body through `exit_on_error`.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class UserError(ValueError):
     """A problem the user can fix; the message names the problem and the fix on one line."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def exit_on_error(body: Callable[[], object]) -> None:
+    """Run an entry point's body: a UserError exits with 2, a diverged run with 1, each printing its message."""
+    try:
+        body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

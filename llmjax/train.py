@@ -24,6 +24,7 @@ import optax
 from llmjax import distributed, model, sharding
 from llmjax.checkpoint import Checkpointer, check_compatible
 from llmjax.config import ModelConfig, TrainConfig
+from llmjax.errors import TrainingDiverged
 from llmjax.metrics import MetricsWriter, console
 from llmjax.optim import learning_rate
 
@@ -36,10 +37,6 @@ RUNTIME_FIELDS = (
     "scan_layers", "remat", "compute_dtype", "attention", "matmul", "dropout",
     "capacity_factor", "moe_aux_coef", "router_z_coef",
 )
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
 def lm_loss(cfg: ModelConfig) -> LossFn:
