@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_decoding import random_params, recompute_greedy
 
 from llmjax import model
 from llmjax.config import from_preset
@@ -24,30 +25,6 @@ def tiny(**overrides):
     fields = dict(n_layer=2, n_head=4, n_kv_head=None, n_embd=32, vocab_size=29, block_size=24, mla_kv_rank=12,
                   mla_rope_dim=4)
     return from_preset("llama_small", **{**fields, **overrides})[0]
-
-
-def random_params(cfg, seed: int = 0):
-    """Weights of std 0.3 so logits are spread out and greedy choices are never near-ties."""
-    rng = np.random.default_rng(seed)
-
-    def make(spec):
-        base, std = {"ones": (1.0, 0.1), "zeros": (0.0, 0.1)}.get(spec.init, (0.0, 0.3))
-        return jnp.asarray(base + std * rng.standard_normal(spec.shape), jnp.float32)
-
-    return jax.tree.map(make, model.param_specs(cfg), is_leaf=lambda x: isinstance(x, model.ParamSpec))
-
-
-apply = jax.jit(model.apply, static_argnames="cfg")
-
-
-def recompute_greedy(params, prompt, n, cfg):
-    """Greedy decoding without a cache: rerun the whole (right-padded, causal) sequence every step."""
-    seq = list(prompt)
-    for _ in range(n):
-        buf = np.zeros((1, cfg.block_size), np.int32)
-        buf[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(apply(params, jnp.asarray(buf), cfg)[0, len(seq) - 1])))
-    return seq[len(prompt):]
 
 
 def cached_greedy(params, cfg, prompts=PROMPTS, n=N_NEW):
