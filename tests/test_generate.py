@@ -1,14 +1,13 @@
 """KV-cache decoding: equal to recomputing the whole sequence, batched left-padded prompts, stop tokens, sampling."""
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_decoding import random_params, recompute_greedy
 
-from llmjax import model
 from llmjax.config import ModelConfig, from_preset
 from llmjax.errors import UserError
 from llmjax.generate import SamplingConfig, check_fits, filter_logits, generate, left_pad, sample_long
@@ -22,32 +21,6 @@ def tiny(position: str, scan: bool = False, **overrides) -> ModelConfig:
     preset = "gpt2" if position == "learned" else "llama_small"  # llama_small: RoPE and 2 K/V heads for 4
     fields = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=29, block_size=24, scan_layers=scan)
     return from_preset(preset, **{**fields, **overrides})[0]
-
-
-def random_params(cfg: ModelConfig, seed: int = 0) -> model.Params:
-    """Weights of std 0.3 (not 0.02) so logits are spread out and greedy choices are never near-ties."""
-    rng = np.random.default_rng(seed)
-
-    def make(spec: model.ParamSpec) -> jax.Array:
-        base, std = {"ones": (1.0, 0.1), "zeros": (0.0, 0.1)}.get(spec.init, (0.0, 0.3))
-        return jnp.asarray(base + std * rng.standard_normal(spec.shape), jnp.float32)
-
-    return jax.tree.map(make, model.param_specs(cfg), is_leaf=lambda x: isinstance(x, model.ParamSpec))
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _logits(params, tokens_BT, cfg):
-    return model.apply(params, tokens_BT, cfg)
-
-
-def recompute_greedy(params, prompt: list[int], n: int, cfg: ModelConfig) -> list[int]:
-    """Greedy decoding without a cache: rerun the whole sequence (right-padded to block_size; causal) every step."""
-    seq = list(prompt)
-    for _ in range(n):
-        buf = np.zeros((1, cfg.block_size), np.int32)
-        buf[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(_logits(params, jnp.asarray(buf), cfg)[0, len(seq) - 1])))
-    return seq[len(prompt):]
 
 
 def run(params, cfg, sc=GREEDY, prompts=PROMPTS, n=N_NEW, seed=0):
