@@ -111,6 +111,6 @@ def test_data_parallel_over_two_devices(corpus, tmp_path):
     result = gpt(*data_flags, *TINY, f"--workdir={tmp_path}", "--max_iters=5", "--sample_tokens=5",
                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert result.returncode == 0, result.stderr
-    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stdout
+    assert "mesh {'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 1}" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["iters"] == 5 and math.isfinite(summary["val_loss"])
