@@ -56,12 +56,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from llmjax import data as data_lib
 from llmjax import lora, model, train
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.errors import UserError, exit_on_error
+from llmjax.errors import UserError, absl_main
 from llmjax.metrics import console
 from llmjax.optim import make_optimizer
 
@@ -779,15 +779,12 @@ def run() -> dict:
     return write_outputs(workdir, summary_arms, time.perf_counter() - start, base)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
     if FLAGS.smoke:  # before JAX's backend starts: compiling a dozen programs dominates the smoke run, and without
         # LLVM's optimisations it takes half the time (the tiny steps run slower, but they are not the cost)
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    exit_on_error(run)
+    run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(main))

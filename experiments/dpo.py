@@ -36,10 +36,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import rlhf_ppo
-from llmjax.errors import UserError, exit_on_error
+from llmjax.errors import UserError, absl_main
 from llmjax.metrics import console
 from llmjax.rl import dpo, pipeline, world
 
@@ -196,12 +196,5 @@ def run() -> dict:
     return summary
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    logging.set_verbosity(logging.WARNING)
-    exit_on_error(run)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(run))

@@ -33,13 +33,13 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from llmjax import config as config_lib  # noqa: E402
 from llmjax import data as data_lib  # noqa: E402
 from llmjax import distributed, flops, model, sharding, train  # noqa: E402
 from llmjax.checkpoint import Checkpointer  # noqa: E402
-from llmjax.errors import UserError, exit_on_error  # noqa: E402
+from llmjax.errors import UserError, absl_main  # noqa: E402
 from llmjax.generate import SamplingConfig, sample_long  # noqa: E402
 from llmjax.metrics import console  # noqa: E402
 from llmjax.optim import make_optimizer  # noqa: E402
@@ -224,22 +224,15 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-
-    def body() -> None:
-        distributed.maybe_initialize()  # before anything touches devices
-        if FLAGS.compile_only:
-            compile_main()
-        elif FLAGS.mode == "train":
-            train_main()
-        else:
-            sample_main()
-
-    exit_on_error(body)
+def main() -> None:
+    distributed.maybe_initialize()  # before anything touches devices
+    if FLAGS.compile_only:
+        compile_main()
+    elif FLAGS.mode == "train":
+        train_main()
+    else:
+        sample_main()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(main))

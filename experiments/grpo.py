@@ -46,7 +46,7 @@ from absl import app, flags
 
 from llmjax import model
 from llmjax.config import ModelConfig, TrainConfig
-from llmjax.errors import UserError, exit_on_error
+from llmjax.errors import UserError, absl_main
 from llmjax.metrics import MetricsWriter, console
 from llmjax.optim import make_optimizer
 from llmjax.rl import grpo, tasks
@@ -247,11 +247,5 @@ def run() -> dict:
     return summary
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    exit_on_error(run)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(run))

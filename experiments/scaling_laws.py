@@ -46,11 +46,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from llmjax import data as data_lib  # noqa: E402
 from llmjax import sharding  # noqa: E402
-from llmjax.errors import UserError, exit_on_error  # noqa: E402
+from llmjax.errors import UserError, absl_main  # noqa: E402
 from llmjax.metrics import console  # noqa: E402
 from llmjax.scaling import analysis, plan, plots, runner  # noqa: E402
 
@@ -293,26 +293,19 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags look like --name=value")
-    logging.set_verbosity(logging.WARNING)
-
-    def body() -> None:
-        sweep = sweep_config()
-        if FLAGS.action == "plan":
-            plan_main(sweep)
-        if FLAGS.action in ("run", "all"):
-            run_main(sweep)
-        if FLAGS.action in ("fit", "all"):
-            fit_main(sweep)
-        if FLAGS.action in ("report", "all"):
-            report_main(sweep)
-        if FLAGS.action == "verify":
-            verify_main(sweep)
-
-    exit_on_error(body)
+def main() -> None:
+    sweep = sweep_config()
+    if FLAGS.action == "plan":
+        plan_main(sweep)
+    if FLAGS.action in ("run", "all"):
+        run_main(sweep)
+    if FLAGS.action in ("fit", "all"):
+        fit_main(sweep)
+    if FLAGS.action in ("report", "all"):
+        report_main(sweep)
+    if FLAGS.action == "verify":
+        verify_main(sweep)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(absl_main(main))
