@@ -76,12 +76,16 @@ def mixture_of_experts(
     # Dispatch: gather each buffer row's token (row T of the padded input is the zero token of empty rows).
     x_padded_BTD = jnp.concatenate([x_BTD, jnp.zeros((B, 1, D), dtype)], axis=1)
     x_BECD = jnp.take_along_axis(x_padded_BTD, token_BM[:, :, None], axis=1).reshape(B, E, C, D)
-    x_BECD = constrain(x_BECD, ("expert_batch", "expert", None, None))
+    # Expert-major for the matmuls: each expert's rows are then one contiguous [B·C, D] operand, which XLA's CPU
+    # backend multiplies ~1.5x faster than the batch-major einsum (and, under an expert mesh axis, the transpose
+    # is the all-to-all that sends each token to its expert's device).
+    x_EBCD = constrain(x_BECD.transpose(1, 0, 2, 3), ("expert", "expert_batch", None, None))
     w_in_EDF, w_gate_EDF, w_out_EFD = (p[name].astype(dtype) for name in ("w_in", "w_gate", "w_out"))
-    h_BECF = jax.nn.silu(jnp.einsum("becd,edf->becf", x_BECD, w_gate_EDF))
-    h_BECF = h_BECF * jnp.einsum("becd,edf->becf", x_BECD, w_in_EDF)
-    h_BECF = constrain(h_BECF, ("expert_batch", "expert", None, "mlp"))
-    y_BECD = constrain(jnp.einsum("becf,efd->becd", h_BECF, w_out_EFD), ("expert_batch", "expert", None, None))
+    h_EBCF = jax.nn.silu(jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_gate_EDF))
+    h_EBCF = h_EBCF * jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_in_EDF)
+    h_EBCF = constrain(h_EBCF, ("expert", "expert_batch", None, "mlp"))
+    y_EBCD = constrain(jnp.einsum("ebcf,efd->ebcd", h_EBCF, w_out_EFD), ("expert", "expert_batch", None, None))
+    y_BECD = y_EBCD.transpose(1, 0, 2, 3)
 
     # Combine: each token sums its experts' outputs, weighted by its gates (a dropped choice reads the zero row).
     y_padded_BMD = jnp.concatenate([y_BECD.reshape(B, E * C, D), jnp.zeros((B, 1, D), dtype)], axis=1)
