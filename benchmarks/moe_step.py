@@ -91,11 +91,13 @@ def main(args: argparse.Namespace) -> None:
         return jnp.sum(out_BTD**2) + stats["moe_aux_loss"] + stats["router_z_loss"]
 
     def experts_only(p, x_BTD):
-        # The MoE layer's expert matmuls on an [B, E, C, D] buffer built by tiling: no router, gather or combine.
+        # The MoE layer's expert matmuls, in its [E, B, C, D] layout, on a buffer built by tiling and transposing:
+        # no router, gather or combine.
         x_BECD = jnp.tile(x_BTD, (1, -(-E * C // T), 1))[:, : E * C].reshape(B, E, C, D)
-        h_BECF = jax.nn.silu(jnp.einsum("becd,edf->becf", x_BECD, p["w_gate"]))
-        h_BECF = h_BECF * jnp.einsum("becd,edf->becf", x_BECD, p["w_in"])
-        return jnp.sum(jnp.einsum("becf,efd->becd", h_BECF, p["w_out"]) ** 2)
+        x_EBCD = x_BECD.transpose(1, 0, 2, 3)
+        h_EBCF = jax.nn.silu(jnp.einsum("ebcd,edf->ebcf", x_EBCD, p["w_gate"]))
+        h_EBCF = h_EBCF * jnp.einsum("ebcd,edf->ebcf", x_EBCD, p["w_in"])
+        return jnp.sum(jnp.einsum("ebcf,efd->ebcd", h_EBCF, p["w_out"]).transpose(1, 0, 2, 3) ** 2)
 
     def dense_layer(p, x_BTD):
         return jnp.sum(model.mlp(x_BTD, p, cfg_dense) ** 2)
