@@ -13,7 +13,9 @@ A 2-layer, 64-wide transformer is pretrained on the chain's text (the reference 
 trunk + a scalar head at the last response token) is fitted to the labels, normalised to mean 0 / std 1 on
 reference samples, and PPO fine-tunes the policy against it with a per-token KL penalty, in three arms from the
 same start: a fixed β (--kl_coef, 0.05), the adaptive controller (target --target_kl nats, started at β = 0.1),
-and a small β (--overopt_kl_coef, 0.01, run longer: --overopt_iters) that shows over-optimisation. The shared
+and a small β (--overopt_kl_coef, 0.01) that shows over-optimisation; that arm runs longer (--overopt_iters) at a
+larger learning rate (--overopt_lr, 3× --lr) so it gets far into the over-optimised regime within the time budget
+(at --lr it took > 150 iterations on some seeds). The shared
 stages are cached in --workdir/shared.
 
 Writes to --workdir: summary.json, metrics.jsonl (per PPO iteration, keys prefixed seed{s}/{arm}/), curves.png,
@@ -58,7 +60,8 @@ flags.DEFINE_float("target_kl", 5.0, "the adaptive arm's target sequence KL (nat
 flags.DEFINE_integer("kl_horizon", 500, "the adaptive controller's horizon in samples")
 flags.DEFINE_float("adaptive_init_kl_coef", 0.1, "the adaptive arm's starting β")
 flags.DEFINE_float("overopt_kl_coef", 0.01, "β of the over-optimisation arm; 0 skips the arm")
-flags.DEFINE_integer("overopt_iters", 150, "PPO iterations of the over-optimisation arm")
+flags.DEFINE_integer("overopt_iters", 60, "PPO iterations of the over-optimisation arm")
+flags.DEFINE_float("overopt_lr", 3e-4, "learning rate of the over-optimisation arm")
 flags.DEFINE_float("lr", 1e-4, "PPO learning rate")
 flags.DEFINE_enum("aggregation", "token_mean", list(ppo.AGGREGATIONS), "how token losses are summed")
 flags.DEFINE_enum("adam_eps_placement", "torch", ["torch", "tf"], "where Adam's ε goes")
@@ -129,7 +132,7 @@ def run() -> dict:
     if FLAGS.target_kl > 0:
         arms["adaptive"] = ppo_config(adaptive_kl=True, kl_coef=FLAGS.adaptive_init_kl_coef)
     if FLAGS.overopt_kl_coef > 0:
-        arms["overopt"] = ppo_config(kl_coef=FLAGS.overopt_kl_coef)
+        arms["overopt"] = ppo_config(kl_coef=FLAGS.overopt_kl_coef, learning_rate=FLAGS.overopt_lr)
     arm_iters = {name: iters for name in arms} | {"overopt": 3 if FLAGS.smoke else FLAGS.overopt_iters}
     os.makedirs(FLAGS.workdir, exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:

@@ -90,6 +90,10 @@ def test_lexicon_world_on_a_small_text(tmp_path):
     r = world.true_reward(w, rows[:, :P], rows[:, P:], np.full(500, w.cfg.response_len + 1))
     assert abs(r.mean()) < 0.2 and 0.7 < r.std() < 1.3
     assert np.isfinite(world.naturalness(w, rows[:, :P], rows[:, P:], np.full(500, 17))).all()
+    # The scorer's words seen often enough get tokens before more frequent neutral words ("the": 240 times).
+    w = world.make_world(world.WorldConfig(task="lexicon", data=f"text:{path}", vocab_size=12, lexicon_min_count=40))
+    scored = {"good", "sweet", "happy", "villain", "foul", "murder", "death", "not"}
+    assert set(w.words[3:11]) == scored and w.words[11] == "the"
     with pytest.raises(UserError, match="words"):
         path.write_text("a b c")
         world.make_world(world.WorldConfig(task="lexicon", data=f"text:{path}"))
@@ -102,6 +106,9 @@ def test_frontier_gap_interpolates_over_the_common_range():
     # On [1, 8]: DPO − PPO is smallest at KL = 4 (DPO 1 + 2/6 = 1.333 vs PPO 1.5).
     np.testing.assert_allclose([gap["gap"], gap["at_kl"], gap["kl_from"], gap["kl_to"]],
                                [1 + 2 / 6 - 1.5, 4.0, 1.0, 8.0], rtol=1e-9)
+    # DPO stops at KL 8, so [8, 10] is not measured, and the result says so.
+    assert gap["covers_range"] is False
+    assert pipeline.frontier_gap(dpo + [(10.5, 2.5)], ppo)["covers_range"] is True
     assert pipeline.frontier_gap([(0.1, 0.0), (0.5, 1.0)], ppo)["gap"] is None
 
 

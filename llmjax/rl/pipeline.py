@@ -76,12 +76,32 @@ def _new_state(params: model.Params, optimizer) -> dict:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
+# The compiled steps are cached per configuration: a multi-seed run (or a β sweep of DPO over seeds) compiles
+# each once instead of once per call.
+@functools.cache
+def _pretrain_step(cfg: ModelConfig, pc: PipelineConfig) -> tuple[optax.GradientTransformation, Any]:
+    tc = TrainConfig(batch_size=pc.pretrain_batch, max_iters=pc.pretrain_steps, learning_rate=pc.pretrain_lr,
+                     min_lr=pc.pretrain_lr / 10, warmup_iters=50, weight_decay=0.0).validate()
+    optimizer = make_optimizer(tc, model.param_axes(cfg))
+    return optimizer, jax.jit(make_train_step(lm_loss(cfg), optimizer), donate_argnums=0)
+
+
+@functools.cache
+def _reward_model_step(cfg: ModelConfig, lr: float) -> tuple[optax.GradientTransformation, Any]:
+    optimizer = ppo.make_adam(lr, 1e-8, "torch", grad_clip=1.0)
+    return optimizer, jax.jit(make_train_step(reward_model.bt_loss(cfg), optimizer), donate_argnums=0)
+
+
+@functools.cache
+def _dpo_step(cfg: ModelConfig, dc: dpo.DPOConfig, steps: int, lr: float) -> tuple[optax.GradientTransformation, Any]:
+    warmup = max(steps // 10, 1)
+    optimizer = ppo.make_adam(optax.linear_schedule(lr / warmup, lr, warmup), 1e-8, "torch", grad_clip=1.0)
+    return optimizer, jax.jit(make_train_step(dpo.dpo_loss(cfg, dc), optimizer), donate_argnums=0)
+
+
 def pretrain(w: world.World, cfg: ModelConfig, pc: PipelineConfig, seed: int) -> model.Params:
     """The reference policy: next-token prediction on the world's text (prompt words, response words, EOS)."""
-    tc = TrainConfig(batch_size=pc.pretrain_batch, max_iters=pc.pretrain_steps, learning_rate=pc.pretrain_lr,
-                     min_lr=pc.pretrain_lr / 10, warmup_iters=50, weight_decay=0.0, seed=seed).validate()
-    optimizer = make_optimizer(tc, model.param_axes(cfg))
-    step_fn = jax.jit(make_train_step(lm_loss(cfg), optimizer), donate_argnums=0)
+    optimizer, step_fn = _pretrain_step(cfg, pc)
     key = jax.random.key(seed)
     state = _new_state(model.init(cfg, key), optimizer)
     rows_XT = w.sample_text(np.random.default_rng([seed, 10]), pc.pretrain_steps * pc.pretrain_batch)
@@ -134,8 +154,7 @@ def train_reward_model(
     lm_params: model.Params, pairs: dict[str, np.ndarray], cfg: ModelConfig, pc: PipelineConfig, seed: int
 ) -> model.Params:
     """Bradley–Terry on the labelled pairs, the trunk started from the pretrained LM."""
-    optimizer = ppo.make_adam(pc.rm_lr, 1e-8, "torch", grad_clip=1.0)
-    step_fn = jax.jit(make_train_step(reward_model.bt_loss(cfg), optimizer), donate_argnums=0)
+    optimizer, step_fn = _reward_model_step(cfg, pc.rm_lr)
     state = _new_state(reward_model.init(lm_params, cfg, jax.random.key(seed), head_std=0.02), optimizer)
     n, B = len(pairs["prompt_BP"]), pc.rm_batch
     for step in range(pc.rm_steps):
@@ -274,7 +293,9 @@ def frontier_gap(
     """The smallest DPO − PPO reward gap over the KL range both frontiers cover within [lo, hi].
 
     Each frontier is the piecewise-linear curve through its (kl, reward) points sorted by KL. Returns the gap, the
-    KL where it is smallest and the covered range (None if the frontiers do not overlap inside [lo, hi]).
+    KL where it is smallest, the covered range (None if the frontiers do not overlap inside [lo, hi]) and
+    `covers_range`: whether that range is all of [lo, hi]. Nothing is extrapolated: where either frontier ends early
+    the gap is simply not measured there, and `covers_range` is False.
     """
     def curve(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
         pts = sorted(points)
@@ -283,12 +304,13 @@ def frontier_gap(
     (kd, rd), (kp, rp) = curve(dpo_points), curve(ppo_points)
     a, b = max(lo, kd[0], kp[0]), min(hi, kd[-1], kp[-1])
     if a > b:
-        return {"gap": None, "at_kl": None, "kl_from": None, "kl_to": None}
+        return {"gap": None, "at_kl": None, "kl_from": None, "kl_to": None, "covers_range": False}
     # The gap is piecewise linear, so its minimum is at a breakpoint of either curve or an end of the range.
     grid = np.unique(np.concatenate([[a, b], kd[(kd > a) & (kd < b)], kp[(kp > a) & (kp < b)]]))
     gap = np.interp(grid, kd, rd) - np.interp(grid, kp, rp)
     i = int(np.argmin(gap))
-    return {"gap": float(gap[i]), "at_kl": float(grid[i]), "kl_from": float(a), "kl_to": float(b)}
+    return {"gap": float(gap[i]), "at_kl": float(grid[i]), "kl_from": float(a), "kl_to": float(b),
+            "covers_range": bool(a == lo and b == hi)}
 
 
 # ------------------------------------------------------------------------------------------------------- DPO
@@ -299,10 +321,7 @@ def train_dpo(
     batch_size: int, learning_rate: float, seed: int, n_micro: int = 1,
 ) -> model.Params:
     """`steps` DPO steps on shuffled pairs (epochs reshuffled as a function of seed); pairs carry ref log-probs."""
-    warmup = max(steps // 10, 1)
-    optimizer = ppo.make_adam(optax.linear_schedule(learning_rate / warmup, learning_rate, warmup), 1e-8, "torch",
-                          grad_clip=1.0)
-    step_fn = jax.jit(make_train_step(dpo.dpo_loss(cfg, dc), optimizer), donate_argnums=0)
+    optimizer, step_fn = _dpo_step(cfg, dc, steps, learning_rate)
     state = _new_state(policy, optimizer)
     n = len(pairs["prompt_BP"])
     per_epoch = n // batch_size

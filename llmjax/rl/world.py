@@ -8,9 +8,10 @@ classifier: the sentiment s(y) (the sum of signed word weights) goes through a s
 nothing. A noisy Bradley–Terry labeller prefers y1 over y2 with probability σ((r*(y1) − r*(y2)) / τ), like a human
 rater who mostly, not always, agrees with the truth.
 
-`lexicon`: the same pipeline on real text. Words of a corpus (the top `vocab_size − 3` lower-cased words, the rest
-UNK) are the tokens; s counts words of a short sentiment word list (a stand-in for a classifier), and naturalness is
-the log-likelihood under the corpus's add-½ smoothed bigram model (a stand-in for the exact chain).
+`lexicon`: the same pipeline on real text. Words of a corpus (lower-cased: the scorer's words that occur at least
+`lexicon_min_count` times, then the most frequent other words up to `vocab_size − 3`; the rest UNK) are the
+tokens; s counts words of a short sentiment word list (a stand-in for a classifier), and naturalness is the
+log-likelihood under the corpus's add-½ smoothed bigram model (a stand-in for the exact chain).
 
 Every row of text is a prompt of `prompt_len` words, then a response of `response_len` words and EOS, the layout
 the reference policy is pretrained on; a policy may emit up to `max_new_tokens` response slots. r* is reported in
@@ -45,7 +46,8 @@ class WorldConfig:
     classifier_scale: float = 1.0  # c: the scorer's sigmoid reaches 0.73 at s̄ + c·std(s)
     seed: int = 0  # the world itself (chain, word roles); fixed across run seeds by default
     data: str = "text:../shared/data/tinyshakespeare.txt"  # lexicon: the corpus
-    vocab_size: int = 128  # lexicon: PAD, EOS, UNK and the most frequent words
+    vocab_size: int = 256  # lexicon: PAD, EOS, UNK, the scorer's common words and the most frequent other words
+    lexicon_min_count: int = 50  # lexicon: the scorer's words seen this often always get a token of their own
 
     def validate(self) -> WorldConfig:
         if self.task not in ("markov", "lexicon"):
@@ -180,7 +182,12 @@ def _lexicon_world(cfg: WorldConfig) -> World:
     counts: dict[str, int] = {}
     for w in tokens:
         counts[w] = counts.get(w, 0) + 1
-    vocab = sorted(counts, key=lambda w: (-counts[w], w))[: cfg.vocab_size - 3]
+    by_count = sorted(counts, key=lambda w: (-counts[w], w))
+    # Without reserved slots most sentiment words would be UNK (in tiny-shakespeare only 4 of them are among the
+    # top 125 words), and r* would hinge on a handful of tokens.
+    scored = POSITIVE_WORDS | NEGATIVE_WORDS | NEGATORS
+    reserved = [w for w in by_count if w in scored and counts[w] >= cfg.lexicon_min_count][: cfg.vocab_size - 3]
+    vocab = reserved + [w for w in by_count if w not in reserved][: cfg.vocab_size - 3 - len(reserved)]
     words = ("<pad>", "<eos>", "<unk>", *vocab)
     index = {w: i for i, w in enumerate(words)}
     stream_X = np.array([index.get(w, FIRST_WORD) for w in tokens], np.int32)
