@@ -173,6 +173,18 @@ def test_train_stops_at_the_time_budget():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), out, params))
 
 
+@pytest.mark.parametrize("beta,with_kl", [(0.0, [1, 2, 4]), (0.04, [1, 2, 3, 4])])
+def test_kl_is_logged_every_kl_every_iterations_at_beta_zero(beta, with_kl):
+    """At β = 0 the reference forward pass (KL logging only) runs on the first and every kl_every-th iteration."""
+    task = tasks.make_task("addition")
+    cfg = ModelConfig(vocab_size=tasks.VOCAB_SIZE, block_size=10, n_layer=1, n_head=2, n_embd=16).validate()
+    params = model.init(cfg, jax.random.key(0))
+    gc = grpo.GRPOConfig(group_size=2, prompts_per_iter=4, beta=beta)
+    _, history = grpo.train(params, ref_params=params, cfg=cfg, gc=gc, tc=TrainConfig(warmup_iters=1), task=task,
+                            problems=task.problems[:64], key=jax.random.key(0), max_iters=4, kl_every=2)
+    assert [h["iter"] for h in history if "kl" in h] == with_kl
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="loss"):
         grpo.GRPOConfig(loss="ppo").validate()

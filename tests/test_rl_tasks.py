@@ -112,8 +112,9 @@ def test_heldout_prompts_never_in_training(name, n_heldout):
         task.split(0)
 
 
-def test_countdown_fits_the_generation_budget():
-    task = tasks.make_task("countdown")
+@pytest.mark.parametrize("name", ["addition", "countdown"])
+def test_every_reference_answer_fits_the_generation_budget(name):
+    task = tasks.make_task(name)
     assert max(len(p.solution) for p in task.problems) + 1 <= task.max_new_tokens
 
 
