@@ -84,6 +84,7 @@ flags.DEFINE_integer("eval_batches", 20, "fixed held-out batches per evaluation,
 flags.DEFINE_integer("batch_size", 16, "sequences per step")
 flags.DEFINE_integer("block_size", 128, "context length")
 flags.DEFINE_float("learning_rate", 1e-3, "AdamW peak learning rate (every arm)")
+flags.DEFINE_float("moe_capacity_factor", 1.25, "the moe arm's expert capacity (slots per routed token share)")
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha: the update is (alpha / rank)·A·B")
 flags.DEFINE_string("data", "text:../shared/data/tinyshakespeare.txt", "pretraining corpus (text:PATH | pystdlib)")
 flags.DEFINE_string("finetune_data", "pystdlib", "fine-tuning corpus of the LoRA comparison")
@@ -95,6 +96,7 @@ flags.DEFINE_bool("smoke", False, "CI: a 1-layer width-32 model, 20 steps, in-re
 # The flags a --workers child process inherits.
 OWN_FLAGS = tuple(
     "workdir seeds arms steps finetune_steps eval_every eval_batches batch_size block_size learning_rate lora_alpha "
+    "moe_capacity_factor "
     "data finetune_data data_cache workers smoke".split()
 )
 SMOKE = dict(steps=20, finetune_steps=20, eval_every=10, eval_batches=2, batch_size=8, block_size=32)
@@ -124,7 +126,7 @@ def llama_config(vocab: int, block: int, base: dict) -> ModelConfig:
     return make(max(2, 2 * round((2 + (target - n2) / slope) / 2)))
 
 
-def arm_config(arm: str, vocab: int, block: int, base: dict) -> ModelConfig:
+def arm_config(arm: str, vocab: int, block: int, base: dict, moe_capacity_factor: float = 1.25) -> ModelConfig:
     """The model of a pretraining arm; every arm but gpt2 is the llama block with one switch changed."""
     if arm == "gpt2":
         return gpt2_config(vocab, block, base)
@@ -134,7 +136,7 @@ def arm_config(arm: str, vocab: int, block: int, base: dict) -> ModelConfig:
         "gqa": dict(n_kv_head=2),
         "mqa": dict(n_kv_head=1),
         "window": dict(sliding_window=block // 4),
-        "moe": dict(n_experts=8, moe_top_k=2, expert_hidden=llama.hidden_dim // 2),
+        "moe": dict(n_experts=8, moe_top_k=2, expert_hidden=llama.hidden_dim // 2, capacity_factor=moe_capacity_factor),
         "mla": dict(mla_kv_rank=llama.n_embd // 4, mla_rope_dim=llama.head_dim // 2),
     }[arm]
     return dataclasses.replace(llama, **switches).validate()
@@ -393,7 +395,7 @@ def run_pretraining_arms(
     tc = train_config(FLAGS.steps)
     results: dict[str, list[dict]] = {}
     for arm in arms:
-        cfg = arm_config(arm, data["vocab"], FLAGS.block_size, base)
+        cfg = arm_config(arm, data["vocab"], FLAGS.block_size, base, FLAGS.moe_capacity_factor)
         results[arm] = []
         for seed in seeds:
             key = run_hash(
@@ -614,6 +616,7 @@ def write_outputs(workdir: Path, arms: dict, wall_s: float, base: dict) -> dict:
             "block_size": FLAGS.block_size,
             "learning_rate": FLAGS.learning_rate,
             "lora_alpha": FLAGS.lora_alpha,
+            "moe_capacity_factor": FLAGS.moe_capacity_factor,
             "data": FLAGS.data,
             "finetune_data": FLAGS.finetune_data,
             "eval_batches": FLAGS.eval_batches,
@@ -711,6 +714,8 @@ def resolve_flags() -> tuple[list[str], list[int], dict]:
             f"--eval_every={FLAGS.eval_every} must divide --steps={FLAGS.steps} and "
             f"--finetune_steps={FLAGS.finetune_steps}"
         )
+    if FLAGS.moe_capacity_factor <= 0:
+        raise UserError(f"--moe_capacity_factor={FLAGS.moe_capacity_factor} must be > 0 (1.25 is usual)")
     if FLAGS.block_size % 4:
         raise UserError(f"--block_size={FLAGS.block_size} must be a multiple of 4 (the window arm uses a quarter)")
     return arms, seeds, SMOKE_BASE if FLAGS.smoke else BASE

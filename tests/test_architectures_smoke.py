@@ -90,7 +90,12 @@ def test_smoke_run_writes_every_arm_and_resumes_from_its_cache(tmp_path: Path) -
 
 
 def test_bad_flags_exit_with_one_line_error(tmp_path: Path) -> None:
-    for flag, needle in (("--arms=llama,nope", "unknown arm"), ("--data=text:/nonexistent/tiny.txt", "does not exist")):
+    cases = (
+        ("--arms=llama,nope", "unknown arm"),
+        ("--data=text:/nonexistent/tiny.txt", "does not exist"),
+        ("--moe_capacity_factor=0", "--moe_capacity_factor=0.0 must be > 0"),
+    )
+    for flag, needle in cases:
         proc = subprocess.run(
             [sys.executable, "-m", "experiments.architectures", f"--workdir={tmp_path}", flag],
             cwd=ROOT,
