@@ -48,13 +48,12 @@ def test_rollout_stats():
 
 def test_sample_stats_from_the_sampler_logprobs():
     """Entropy −mean log π and k3 KL over response tokens only; slots after the stop token (mask 0) are ignored."""
-    batch = {"mask_BN": jnp.array([[1.0, 1.0, 0.0]]), "old_logp_BN": jnp.log(jnp.array([[0.5, 0.25, 1.0]])),
-             "ref_logp_BN": jnp.log(jnp.array([[0.25, 0.5, 0.01]]))}
-    stats = grpo.sample_stats(batch)
+    batch = {"mask_BN": jnp.array([[1.0, 1.0, 0.0]]), "old_logp_BN": jnp.log(jnp.array([[0.5, 0.25, 1.0]]))}
+    stats = grpo.sample_stats(batch, ref_logp_BN=jnp.log(jnp.array([[0.25, 0.5, 0.01]])))
     assert float(stats["entropy"]) == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
     # r = 0.5 and 2: k3 = (−0.5 + log 2) and (1 − log 2), mean 0.25.
     assert float(stats["kl"]) == pytest.approx(0.25, rel=1e-6)
-    assert "kl" not in grpo.sample_stats({k: v for k, v in batch.items() if k != "ref_logp_BN"})
+    assert "kl" not in grpo.sample_stats(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------- KL

@@ -143,8 +143,9 @@ def diagnostics(params: model.Params, batch: Batch, *, cfg: ModelConfig, gc: GRP
 
 
 @jax.jit
-def sample_stats(batch: Batch) -> dict[str, jax.Array]:
-    """Free estimates from the sampler's own log-probs: entropy −E[log π] and k3 KL to the reference per token.
+def sample_stats(batch: Batch, ref_logp_BN: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Free estimates from the sampler's own log-probs: entropy −E[log π], and k3 KL per token to the reference
+    when its log-probs are given (at β = 0 they are computed only on KL-logging iterations, outside the batch).
 
     The responses were drawn from the sampling policy, so these are the Monte Carlo estimates at the policy that
     produced the batch (before its update), at no extra forward pass.
@@ -152,8 +153,8 @@ def sample_stats(batch: Batch) -> dict[str, jax.Array]:
     mask_BN = batch["mask_BN"]
     n = jnp.maximum(mask_BN.sum(), 1.0)
     out = {"entropy": -jnp.sum(batch["old_logp_BN"] * mask_BN) / n}
-    if "ref_logp_BN" in batch:
-        out["kl"] = jnp.sum(kl.k3(batch["old_logp_BN"], batch["ref_logp_BN"]) * mask_BN) / n
+    if ref_logp_BN is not None:
+        out["kl"] = jnp.sum(kl.k3(batch["old_logp_BN"], ref_logp_BN) * mask_BN) / n
     return out
 
 
@@ -294,8 +295,7 @@ def train(
         record = {
             "iter": it + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
             **rollout_stats(rewards_B, lengths_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0, **clip,
-            **{k: float(v) for k, v in sample_stats({**batch, "ref_logp_BN": ref_logp_BN} if ref_logp_BN is not None
-                                                    else batch).items()},
+            **{k: float(v) for k, v in sample_stats(batch, ref_logp_BN).items()},
             "sampled_tokens": sampled_tokens, "time_s": time.perf_counter() - start,
         }
         if on_iter is not None:
