@@ -2,8 +2,8 @@
 
     python -m experiments.grpo                                 # addition: SFT → GRPO, Dr. GRPO, RFT baseline
     python -m experiments.grpo --loss=dr_grpo --norft          # only the Dr. GRPO arm
-    python -m experiments.grpo --task=countdown --loss=grpo --norft --sft_stop_acc=0.25 --sft_max_steps=1500 \
-        --sft_eval_every=5 --iters=100000 --arm_minutes=6 --eval_every=50      # Countdown, GRPO for 6 minutes
+    python -m experiments.grpo --task=countdown --loss=grpo --norft --sft_stop_acc=0.25 --sft_max_steps=1000 \
+        --sft_eval_every=5 --iters=100000 --arm_minutes=4 --eval_every=50      # Countdown, GRPO for 4 minutes
     python -m experiments.grpo --sft_stop_acc=0.02 --loss=grpo --norft --iters=100   # failure mode: too weak a start
     python -m experiments.grpo --small                         # CI smoke test (< 1 min)
 
