@@ -61,12 +61,13 @@ def main(args: argparse.Namespace) -> None:
         trainer = train.Trainer(cfg, tc, mesh, train.lm_loss(cfg), make_optimizer(tc, model.param_axes(cfg)))
         x = rng.integers(0, cfg.vocab_size, (tc.batch_size, cfg.block_size + 1), dtype=np.int32)
         batch = trainer.put_batch({"x": x[:, :-1], "y": x[:, 1:]})
-        state = {"s": trainer.init_state()}
-        trainer.compile(state["s"], batch)
+        state = trainer.init_state()
+        trainer.compile(state, batch)
 
         def run() -> None:
+            nonlocal state
             for _ in range(args.steps):
-                state["s"], metrics = trainer.step(state["s"], batch)
+                state, metrics = trainer.step(state, batch)
                 float(metrics["loss"])
 
         run()  # warm-up
@@ -81,7 +82,10 @@ def main(args: argparse.Namespace) -> None:
     cfg_moe, cfg_dense = configs["moe"], configs["llama"]
     B, T, D, E = args.batch_size, args.block_size, cfg_moe.n_embd, cfg_moe.n_experts
     C = moe.capacity(T, cfg_moe)
-    layer0 = lambda cfg: jax.tree.map(lambda a: a[0], model.init(cfg, jax.random.key(0))["blocks"])  # noqa: E731
+
+    def layer0(cfg):
+        return jax.tree.map(lambda a: a[0], model.init(cfg, jax.random.key(0))["blocks"])
+
     p_moe = layer0(cfg_moe)["moe"]
     p_dense = {k: v for k, v in layer0(cfg_dense).items() if k in ("w_in", "w_gate", "w_out")}
     x_BTD = jax.random.normal(jax.random.key(1), (B, T, D))

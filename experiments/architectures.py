@@ -84,7 +84,9 @@ flags.DEFINE_integer("eval_batches", 20, "fixed held-out batches per evaluation,
 flags.DEFINE_integer("batch_size", 16, "sequences per step")
 flags.DEFINE_integer("block_size", 128, "context length")
 flags.DEFINE_float("learning_rate", 1e-3, "AdamW peak learning rate (every arm)")
-flags.DEFINE_float("moe_capacity_factor", 1.25, "the moe arm's expert capacity (slots per routed token share)")
+flags.DEFINE_float(
+    "moe_capacity_factor", ModelConfig.capacity_factor, "the moe arm's expert capacity (slots per routed token share)"
+)
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha: the update is (alpha / rank)·A·B")
 flags.DEFINE_string("data", "text:../shared/data/tinyshakespeare.txt", "pretraining corpus (text:PATH | pystdlib)")
 flags.DEFINE_string("finetune_data", "pystdlib", "fine-tuning corpus of the LoRA comparison")
@@ -126,7 +128,9 @@ def llama_config(vocab: int, block: int, base: dict) -> ModelConfig:
     return make(max(2, 2 * round((2 + (target - n2) / slope) / 2)))
 
 
-def arm_config(arm: str, vocab: int, block: int, base: dict, moe_capacity_factor: float = 1.25) -> ModelConfig:
+def arm_config(
+    arm: str, vocab: int, block: int, base: dict, moe_capacity_factor: float = ModelConfig.capacity_factor
+) -> ModelConfig:
     """The model of a pretraining arm; every arm but gpt2 is the llama block with one switch changed."""
     if arm == "gpt2":
         return gpt2_config(vocab, block, base)
