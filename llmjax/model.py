@@ -422,9 +422,12 @@ def trunk(
 
         x_BTD, (cache, stats_L) = jax.lax.scan(scan_body, x_BTD, (params["blocks"], cache, layer_keys))
     else:
+        # Unstacked once: the gradient of the pieces is one concatenate, where indexing each layer's slice out of
+        # the stacked [L, ...] params would pad every layer's gradient back to full size and add them up.
+        per_layer = jax.tree.map(lambda a: list(jnp.unstack(a)), (params["blocks"], cache))
         new_caches, stats = [], []
         for i in range(cfg.n_layer):
-            p_i, cache_i = jax.tree.map(lambda a, i=i: a[i], (params["blocks"], cache))
+            p_i, cache_i = jax.tree.map(lambda parts, i=i: parts[i], per_layer, is_leaf=lambda x: isinstance(x, list))
             x_BTD, c, s = layer(x_BTD, p_i, cache_i, None if layer_keys is None else layer_keys[i])
             new_caches.append(c)
             stats.append(s)
