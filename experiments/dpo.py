@@ -30,6 +30,7 @@ and summary.json with keys
                            r* + --natural_weight · (chain_ll − reference chain_ll)
     dpo_reward_monotone    r* decreases as β grows along the DPO sweep (seed means)
     rm_acc_labels, rm_acc_true     the reward model (seed means)
+    stage_s                seconds per shared stage (0 when read from the cache), per seed
     wall_time_s
 """
 
@@ -142,7 +143,7 @@ def run() -> dict:
         json.dump({"world": dataclasses.asdict(w.cfg), "pipeline": dataclasses.asdict(pc),
                    "dpo": [dataclasses.asdict(d) for d in dcs], "ppo": dataclasses.asdict(rlhf_ppo.ppo_config()),
                    "flags": FLAGS.flag_values_dict()}, f, indent=2, default=str)
-    points_by_seed, refs, rm_accs = [], [], []
+    points_by_seed, refs, rm_accs, stage_s = [], [], [], []
     for seed in rlhf_ppo.seeds():
         shared = pipeline.shared_stages(FLAGS.workdir, w, pc, seed)
         cfg = shared["cfg"]
@@ -155,6 +156,7 @@ def run() -> dict:
 
         refs.append(evaluate(shared["ref"]))
         rm_accs.append(shared["rm_acc"])
+        stage_s.append(shared["stage_s"])
         points = []
         pairs = dict(shared["train_pairs"])
         pairs.update(dpo.reference_logprobs(shared["ref"], pairs, cfg))
@@ -201,7 +203,7 @@ def run() -> dict:
         "dpo_reward_monotone": bool(all(a > b for a, b in zip(dpo_rewards, dpo_rewards[1:], strict=False))),
         "rm_acc_labels": float(np.mean([a["acc_labels"] for a in rm_accs])),
         "rm_acc_true": float(np.mean([a["acc_true"] for a in rm_accs])) if "acc_true" in rm_accs[0] else None,
-        "seeds": rlhf_ppo.seeds(), "wall_time_s": time.perf_counter() - wall_start,
+        "stage_s": stage_s, "seeds": rlhf_ppo.seeds(), "wall_time_s": time.perf_counter() - wall_start,
     }
     plot(frontier, ref, os.path.join(FLAGS.workdir, "frontier.png"))
     with open(os.path.join(FLAGS.workdir, "summary.json"), "w") as f:

@@ -10,17 +10,19 @@ The world (`llmjax/rl/world.py`): a known sparse Markov chain over 22 words writ
 log-likelihood scores naturalness; a hidden scorer r* (signed weights of positive / negative words, flipped after
 "not") plays Ziegler's sentiment classifier, and a noisy Bradley–Terry labeller ranks pairs of reference samples.
 A 2-layer, 64-wide transformer is pretrained on the chain's text (the reference policy), a reward model (the same
-trunk + a scalar head at the last response token) is fitted to the labels, normalised to mean 0 / std 1 on
-reference samples, and PPO fine-tunes the policy against it with a per-token KL penalty, in three arms from the
-same start: a fixed β (--kl_coef, 0.05), the adaptive controller (target --target_kl nats, started at β = 0.1),
-and a small β (--overopt_kl_coef, 0.01) that shows over-optimisation; that arm runs longer (--overopt_iters) at a
-larger learning rate (--overopt_lr, 3× --lr) so it gets far into the over-optimised regime within the time budget
-(at --lr it took > 150 iterations on some seeds). The shared
+trunk + a scalar head at the last response token) is fitted to the labels (--rm_ensemble > 1: several, from their
+own head inits and batch orders, scored by their mean), normalised to mean 0 / std 1 on reference samples, and
+PPO fine-tunes the policy against it with a per-token KL penalty, in three arms from the same start: a fixed β
+(--kl_coef, 0.05), the adaptive controller (target --target_kl nats, started at β = 0.1), and a small β
+(--overopt_kl_coef, 0.01) that shows over-optimisation; that arm runs at a larger learning rate (--overopt_lr, 3×
+--lr) for --overopt_iters iterations, so it gets far into the over-optimised regime within the time budget (at
+--lr it took > 150 iterations on some seeds; at 3× its KL is far past β = 0.05's within 30). The shared
 stages are cached in --workdir/shared.
 
 Writes to --workdir: summary.json, metrics.jsonl (per PPO iteration, keys prefixed seed{s}/{arm}/), curves.png,
 config.json. summary.json keys (means over --seeds; each also as `{key}_seeds`, a list in seed order):
-    rm_acc_labels, rm_acc_true     reward model's held-out pairwise accuracy vs the noisy labels / the true order
+    rm_acc_labels, rm_acc_true     reward model's (ensemble mean's) held-out pairwise accuracy vs the noisy labels /
+                                   the true order
     ref_reward, ref_kl, ref_chain_ll, ref_distinct    the reference policy on fresh prompts (r* in world units)
     ppo_reward, ppo_kl             r* and sequence KL to the reference (nats) after PPO at --kl_coef
     ppo_chain_ll_drop              ref_chain_ll − chain log-likelihood per word after PPO (nats)
@@ -60,11 +62,12 @@ flags.DEFINE_float("target_kl", 5.0, "the adaptive arm's target sequence KL (nat
 flags.DEFINE_integer("kl_horizon", 500, "the adaptive controller's horizon in samples")
 flags.DEFINE_float("adaptive_init_kl_coef", 0.1, "the adaptive arm's starting β")
 flags.DEFINE_float("overopt_kl_coef", 0.01, "β of the over-optimisation arm; 0 skips the arm")
-flags.DEFINE_integer("overopt_iters", 60, "PPO iterations of the over-optimisation arm")
+flags.DEFINE_integer("overopt_iters", 40, "PPO iterations of the over-optimisation arm")
 flags.DEFINE_float("overopt_lr", 3e-4, "learning rate of the over-optimisation arm")
 flags.DEFINE_float("lr", 1e-4, "PPO learning rate")
 flags.DEFINE_enum("aggregation", "token_mean", list(ppo.AGGREGATIONS), "how token losses are summed")
 flags.DEFINE_enum("adam_eps_placement", "torch", ["torch", "tf"], "where Adam's ε goes")
+flags.DEFINE_integer("rm_ensemble", 1, "reward models (own inits and batch orders) whose mean score PPO maximises")
 
 SMOKE_PIPELINE = dict(pretrain_steps=30, n_train_prompts=256, n_pairs=256, n_heldout_pairs=256, rm_steps=10,
                       n_eval_prompts=256, n_embd=32, n_layer=1)
@@ -75,7 +78,7 @@ def world_config() -> world.WorldConfig:
 
 
 def pipeline_config() -> pipeline.PipelineConfig:
-    return pipeline.PipelineConfig(**(SMOKE_PIPELINE if FLAGS.smoke else {})).validate()
+    return pipeline.PipelineConfig(**(SMOKE_PIPELINE if FLAGS.smoke else {}), rm_ensemble=FLAGS.rm_ensemble).validate()
 
 
 def seeds() -> list[int]:

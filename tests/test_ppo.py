@@ -1,6 +1,8 @@
 """PPO: GAE against a hand-computed example, KL estimators' values, token rewards, whitening, the adaptive KL
-controller, Adam's ε placement, and that the loss's gradient is the same however a minibatch is split."""
+controller, Adam's ε placement, that the loss's gradient is the same however a minibatch is split, and that an
+iteration's fused update equals its optimizer steps taken one by one."""
 
+import dataclasses
 import functools
 import math
 
@@ -157,3 +159,30 @@ def test_ppo_loss_clips_the_ratio_and_the_value():
     stats = ppo.diagnostics(params, batch | {"mask_BN": mask_BN}, cfg=CFG, pc=pc)
     assert float(stats["clip_frac"]) == 1.0
     np.testing.assert_allclose(float(stats["approx_kl"]), math.exp(-1), rtol=1e-5)  # k3 = (e^−1 − 1) + 1
+
+
+def test_fused_update_matches_sequential_steps_with_a_runtime_learning_rate():
+    """One compiled scan over an iteration's epochs × minibatches equals the same optimizer steps taken one at a time,
+    and the peak learning rate is a value in the optimizer state: arms that differ only in it share one compile."""
+    pc = ppo.PPOConfig(epochs=2, minibatches=2, rollouts_per_iter=4, warmup_iters=1, learning_rate=3e-3).validate()
+    other = dataclasses.replace(pc, learning_rate=1e-4, kl_coef=0.01, adaptive_kl=True)
+    assert ppo._compiled_update(CFG, ppo._static(pc)) is ppo._compiled_update(CFG, ppo._static(other))
+    batch, mask_BN = ppo_batch()
+    batch = batch | {"mask_BN": mask_BN}
+    optimizer, update = ppo._compiled_update(CFG, ppo._static(pc))
+    params = jax.tree.map(jnp.copy, ppo_params())
+    state = {"step": jnp.int32(0), "params": params,
+             "opt_state": ppo.set_learning_rate(optimizer.init(params), pc.learning_rate)}
+    order_KR = np.array([[0, 3], [1, 2], [2, 0], [3, 1]])
+    fused, _ = update(state, batch, order_KR, np.array([0, 0, 1, 1], np.int32), jax.random.key(0))
+
+    plain = ppo.make_adam(optax.linear_schedule(pc.learning_rate / 4, pc.learning_rate, 4), pc.adam_eps, "torch", 1.0)
+    step = jax.jit(make_train_step(ppo.ppo_loss(CFG, pc), plain))
+    state = {"step": jnp.int32(0), "params": ppo_params(), "opt_state": plain.init(ppo_params())}
+    for rows in order_KR:
+        mini = {k: batch[k][rows] for k in ppo._MINIBATCH_KEYS}
+        mini["weight_BN"] = ppo.loss_weights(mask_BN[rows], pc.aggregation)
+        state, _ = step(state, rollout.add_micro_axis(mini), jax.random.key(0))
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, state["params"], ppo_params()))) > 1e-3
+    for a, b in zip(jax.tree.leaves(fused["params"]), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)

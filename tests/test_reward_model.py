@@ -73,9 +73,12 @@ def test_bradley_terry_loss_and_accuracy():
     # Accuracy against the labels counts chosen scored higher; against the truth it skips ties.
     agree = np.asarray(r_c > r_r)
     truth = {"chosen_true_B": np.array([1.0, 0.0, 2.0]), "rejected_true_B": np.array([0.0, 1.0, 2.0])}
-    acc = reward_model.pairwise_accuracy(rm(), data | truth, CFG)
+    acc = reward_model.pairwise_accuracy([rm()], data | truth, CFG)
     np.testing.assert_allclose(acc["acc_labels"], agree.mean())
     np.testing.assert_allclose(acc["acc_true"], np.mean([agree[0], not agree[1]]))
+    # An ensemble is scored by its members' mean margin: a member and its negation cancel to no preference.
+    negated = rm() | {"head": jax.tree.map(jnp.negative, rm()["head"])}
+    assert reward_model.pairwise_accuracy([rm(), negated], data | truth, CFG)["acc_labels"] == 0.0
 
 
 def test_normalizer():

@@ -98,11 +98,13 @@ def dpo_loss(cfg: ModelConfig, dc: DPOConfig) -> LossFn:
     return loss_fn
 
 
-def make_batch(pairs: dict[str, np.ndarray], rows: np.ndarray, n_micro: int = 1) -> Batch:
+BATCH_KEYS = ("prompt_BP", "prompt_lens_B", "chosen_BN", "rejected_BN", "chosen_len_B", "rejected_len_B",
+              "ref_chosen_B", "ref_rejected_B")
+
+
+def make_batch(pairs: dict[str, np.ndarray | jax.Array], rows: np.ndarray | jax.Array, n_micro: int = 1) -> Batch:
     """The loss's inputs for `rows` of a pair dataset with reference log-probs: weights over these rows."""
-    batch = {k: jnp.asarray(pairs[k][rows]) for k in (
-        "prompt_BP", "prompt_lens_B", "chosen_BN", "rejected_BN", "chosen_len_B", "rejected_len_B", "ref_chosen_B",
-        "ref_rejected_B")}
+    batch = {k: jnp.asarray(pairs[k])[rows] for k in BATCH_KEYS}
     B, N = batch["chosen_BN"].shape
     batch["weight_B"] = jnp.full((B,), n_micro / B)
     batch["sft_weight_BN"] = aggregation_weights(response_mask(batch["chosen_len_B"], N), "token_mean", n_micro)

@@ -48,6 +48,7 @@ class PipelineConfig:
     rm_steps: int = 200
     rm_batch: int = 64
     rm_lr: float = 1e-3
+    rm_ensemble: int = 1  # reward models from different inits and batch orders; PPO maximises their mean score
     n_eval_prompts: int = 512
 
     def validate(self) -> PipelineConfig:
@@ -93,10 +94,22 @@ def _reward_model_step(cfg: ModelConfig, lr: float) -> tuple[optax.GradientTrans
 
 
 @functools.cache
-def _dpo_step(cfg: ModelConfig, dc: dpo.DPOConfig, steps: int, lr: float) -> tuple[optax.GradientTransformation, Any]:
+def _dpo_run(
+    cfg: ModelConfig, dc: dpo.DPOConfig, steps: int, lr: float, n_micro: int
+) -> tuple[optax.GradientTransformation, Any]:
+    """(optimizer, run): run(state, pairs, rows_SB, key) takes DPO step s on rows rows_SB[s] of the pair dataset,
+    every step in one compiled scan (the dataset lives on the device; no host round trip per step)."""
     warmup = max(steps // 10, 1)
     optimizer = ppo.make_adam(optax.linear_schedule(lr / warmup, lr, warmup), 1e-8, "torch", grad_clip=1.0)
-    return optimizer, jax.jit(make_train_step(dpo.dpo_loss(cfg, dc), optimizer), donate_argnums=0)
+    step_fn = make_train_step(dpo.dpo_loss(cfg, dc), optimizer)
+
+    def run(state: dict, pairs: dict, rows_SB: jax.Array, key: jax.Array) -> dict:
+        def one(state: dict, rows_B: jax.Array) -> tuple[dict, None]:
+            return step_fn(state, add_micro_axis(dpo.make_batch(pairs, rows_B, n_micro), n_micro), key)[0], None
+
+        return jax.lax.scan(one, state, rows_SB)[0]
+
+    return optimizer, jax.jit(run, donate_argnums=0)
 
 
 def pretrain(w: world.World, cfg: ModelConfig, pc: PipelineConfig, seed: int) -> model.Params:
@@ -151,18 +164,21 @@ def label_pairs(
 
 
 def train_reward_model(
-    lm_params: model.Params, pairs: dict[str, np.ndarray], cfg: ModelConfig, pc: PipelineConfig, seed: int
+    lm_params: model.Params, pairs: dict[str, np.ndarray], cfg: ModelConfig, pc: PipelineConfig, seed: int,
+    member: int = 0,
 ) -> model.Params:
-    """Bradley–Terry on the labelled pairs, the trunk started from the pretrained LM."""
+    """Bradley–Terry on the labelled pairs, the trunk started from the pretrained LM; `member` k > 0 of an ensemble
+    draws its own head init and batch order."""
     optimizer, step_fn = _reward_model_step(cfg, pc.rm_lr)
-    state = _new_state(reward_model.init(lm_params, cfg, jax.random.key(seed), head_std=0.02), optimizer)
+    key = jax.random.key(seed) if member == 0 else jax.random.fold_in(jax.random.key(seed), member)
+    state = _new_state(reward_model.init(lm_params, cfg, key, head_std=0.02), optimizer)
     n, B = len(pairs["prompt_BP"]), pc.rm_batch
     for step in range(pc.rm_steps):
-        rows = np.random.default_rng([seed, 20, step]).choice(n, B, replace=False)
+        rows = np.random.default_rng([seed, 20, step] + [member] * (member > 0)).choice(n, B, replace=False)
         batch = {k: pairs[k][rows] for k in reward_model.PAIR_KEYS} | {"weight_B": np.full(B, 1.0 / B, np.float32)}
-        state, metrics = step_fn(state, add_micro_axis(batch), jax.random.key(seed))
+        state, metrics = step_fn(state, add_micro_axis(batch), key)
         if (step + 1) % 200 == 0 or step + 1 == pc.rm_steps:
-            console(f"reward model step {step + 1}: loss {float(metrics['loss']):.4f}")
+            console(f"reward model {member} step {step + 1}: loss {float(metrics['loss']):.4f}")
     return state["params"]
 
 
@@ -172,14 +188,14 @@ def _rm_scores(params, prompt_BP, tokens_BN, lengths_B, cfg):
                                lengths_B, cfg)
 
 
-def rm_scores(params: model.Params, s: dict[str, np.ndarray], cfg: ModelConfig, chunk: int = 256) -> np.ndarray:
-    """Raw reward-model scores of sampled responses (prompt_BP, tokens_BN, lengths_B), in fixed-size chunks."""
+def rm_scores(rms: list[model.Params], s: dict[str, np.ndarray], cfg: ModelConfig, chunk: int = 256) -> np.ndarray:
+    """Raw scores of sampled responses (prompt_BP, tokens_BN, lengths_B), the mean over an ensemble's members."""
     n = len(s["prompt_BP"])
     out = []
     for i in range(0, n, chunk):
         rows = np.arange(i, i + min(chunk, n)) % n
-        out.append(np.asarray(_rm_scores(params, s["prompt_BP"][rows], s["tokens_BN"][rows], s["lengths_B"][rows],
-                                         cfg=cfg)))
+        out.append(np.mean([np.asarray(_rm_scores(rm, s["prompt_BP"][rows], s["tokens_BN"][rows],
+                                                  s["lengths_B"][rows], cfg=cfg)) for rm in rms], axis=0))
     return np.concatenate(out)[:n]
 
 
@@ -207,8 +223,9 @@ def cached(path: str, make: Any) -> Any:
 def shared_stages(workdir: str, w: world.World, pc: PipelineConfig, seed: int) -> dict[str, Any]:
     """Pretrained reference policy, labelled pairs (train / held-out), reward model and its normaliser, cached.
 
-    Returns a dict with `ref`, `rm`, `rm_norm`, `train_pairs`, `heldout_pairs`, `train_prompts`, `eval_prompts`,
-    `rm_acc` (held-out accuracy against the labels and the truth) and `stage_s` (seconds per stage, this run).
+    Returns a dict with `ref`, `rm` (a list: the ensemble's members), `rm_norm`, `train_pairs`, `heldout_pairs`,
+    `train_prompts`, `eval_prompts`, `rm_acc` (held-out accuracy against the labels and the truth) and `stage_s`
+    (seconds per stage, this run).
     """
     cfg = model_config(w, pc)
     # Each stage's file is named by a digest of the settings it depends on (its own and every earlier stage's),
@@ -216,7 +233,7 @@ def shared_stages(workdir: str, w: world.World, pc: PipelineConfig, seed: int) -
     stage_fields = {
         "pretrained": ("n_layer", "n_embd", "n_head", "pretrain_steps", "pretrain_batch", "pretrain_lr"),
         "pairs": ("n_train_prompts", "n_pairs", "n_heldout_pairs", "n_eval_prompts"),
-        "reward_model": ("rm_steps", "rm_batch", "rm_lr"),
+        "reward_model": ("rm_steps", "rm_batch", "rm_lr", "rm_ensemble"),
     }
     times: dict[str, float] = {}
     settings: dict[str, Any] = {"world": dataclasses.asdict(w.cfg), "seed": seed}
@@ -244,7 +261,7 @@ def shared_stages(workdir: str, w: world.World, pc: PipelineConfig, seed: int) -
     pairs = timed("pairs", make_pairs)
 
     def make_rm() -> dict:
-        rm = train_reward_model(ref, pairs["train"], cfg, pc, seed)
+        rm = [train_reward_model(ref, pairs["train"], cfg, pc, seed, k) for k in range(pc.rm_ensemble)]
         ref_samples = sample_responses(ref, train_prompts[:1024], jax.random.fold_in(key, 3), cfg=cfg,
                                        max_new_tokens=w.cfg.max_new_tokens)
         return {"params": rm, "norm": reward_model.normalizer(rm_scores(rm, ref_samples, cfg)),
@@ -264,7 +281,7 @@ _logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "temperature"))
 
 def evaluate(
     policy: model.Params, ref: model.Params, w: world.World, prompts_XP: np.ndarray, key: jax.Array, *,
-    cfg: ModelConfig, rm: model.Params | None = None, rm_norm: dict[str, float] | None = None,
+    cfg: ModelConfig, rm: list[model.Params] | None = None, rm_norm: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """One response per fresh prompt at temperature 1: r* (world units), sequence KL to the reference
     (Σ_t log π − log π_ref, a Monte-Carlo estimate), naturalness per word, distinct words, length, RM score."""
@@ -321,19 +338,15 @@ def train_dpo(
     batch_size: int, learning_rate: float, seed: int, n_micro: int = 1,
 ) -> model.Params:
     """`steps` DPO steps on shuffled pairs (epochs reshuffled as a function of seed); pairs carry ref log-probs."""
-    optimizer, step_fn = _dpo_step(cfg, dc, steps, learning_rate)
-    state = _new_state(policy, optimizer)
+    optimizer, run = _dpo_run(cfg, dc, steps, learning_rate, n_micro)
     n = len(pairs["prompt_BP"])
     per_epoch = n // batch_size
-    key = jax.random.key(seed)
-    order = np.array([], int)
-    for step in range(steps):
-        if step % per_epoch == 0:
-            order = np.random.default_rng([seed, 50, step // per_epoch]).permutation(n)
-        rows = order[(step % per_epoch) * batch_size: (step % per_epoch + 1) * batch_size]
-        state, _ = step_fn(state, add_micro_axis(dpo.make_batch(pairs, rows, n_micro), n_micro), key)
+    epochs = -(-steps // per_epoch)
+    rows_SB = np.concatenate([np.random.default_rng([seed, 50, e]).permutation(n)[: per_epoch * batch_size]
+                              for e in range(epochs)]).reshape(-1, batch_size)[:steps]
+    state = run(_new_state(policy, optimizer), {k: jnp.asarray(pairs[k]) for k in dpo.BATCH_KEYS}, rows_SB,
+                jax.random.key(seed))
     return state["params"]
-
 
 
 # ------------------------------------------------------------------------------------------------------- PPO
@@ -345,8 +358,8 @@ def run_ppo(
 ) -> tuple[model.Params, list[dict[str, float]]]:
     """PPO from the reference policy on the reward model (`reward="rm"`) or on the true reward r* (`"true"`).
 
-    The value model starts from the reward model's trunk with a zero head. Each record also gets the batch's true
-    reward, naturalness and distinct words, so over-optimisation of the reward model shows during training.
+    The value model starts from the (first) reward model's trunk with a zero head. Each record also gets the
+    batch's true reward, naturalness and distinct words, so over-optimisation of the reward model shows in training.
     """
     cfg, rm, norm = shared["cfg"], shared["rm"], shared["rm_norm"]
 
@@ -368,7 +381,7 @@ def run_ppo(
         if on_record is not None:
             on_record(it, record)
 
-    value = reward_model.init(rm["trunk"], cfg, jax.random.key(seed))
+    value = reward_model.init(rm[0]["trunk"], cfg, jax.random.key(seed))
     return ppo.train(shared["ref"], value, ref_params=shared["ref"], score_fn=score_fn,
                      prompts_XP=shared["train_prompts"], cfg=cfg, pc=pc, sc=sampling(pc.temperature),
                      max_new_tokens=w.cfg.max_new_tokens, key=jax.random.key(1000 + seed), iters=iters, seed=seed,

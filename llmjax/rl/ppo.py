@@ -262,17 +262,47 @@ def prepare(
 
 
 def _static(pc: PPOConfig) -> PPOConfig:
-    """The config with the KL controller's fields neutralised: β enters the compiled functions as an argument, so
-    runs that differ only in β (a sweep, the adaptive arm) share their compiled programs."""
-    return dataclasses.replace(pc, kl_coef=0.0, adaptive_kl=False, target_kl=1.0, kl_horizon=1)
+    """The config with its runtime values neutralised: β enters the compiled functions as an argument and the peak
+    learning rate lives in the optimizer state, so runs that differ only in them (a β sweep, the adaptive arm, the
+    over-optimisation arm's larger learning rate) share their compiled programs."""
+    return dataclasses.replace(pc, kl_coef=0.0, adaptive_kl=False, target_kl=1.0, kl_horizon=1, learning_rate=1.0)
+
+
+_MINIBATCH_KEYS = ("prompt_BP", "prompt_lens_B", "tokens_BN", "old_logp_BN", "old_values_BN", "adv_BN", "returns_BN")
 
 
 @functools.cache
-def _compiled_step(cfg: ModelConfig, pc: PPOConfig) -> tuple[optax.GradientTransformation, Callable]:
+def _compiled_update(cfg: ModelConfig, pc: PPOConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """(optimizer, update): update(state, batch, order_KR, epoch_K, key) runs one iteration's K = epochs ×
+    minibatches optimizer steps (minibatch k = rows order_KR[k] of the prepared batch) in one compiled scan: no
+    host round trip per minibatch. The optimizer's last stage scales by the peak learning rate held in its state
+    (`set_learning_rate`); the warmup schedule before it runs from 1/warmup to 1."""
     warmup = max(pc.warmup_iters * pc.epochs * pc.minibatches, 1)
-    optimizer = make_adam(optax.linear_schedule(pc.learning_rate / warmup, pc.learning_rate, warmup), pc.adam_eps,
-                          pc.adam_eps_placement, pc.grad_clip)
-    return optimizer, jax.jit(make_train_step(ppo_loss(cfg, pc), optimizer), donate_argnums=0)
+    optimizer = optax.chain(
+        make_adam(optax.linear_schedule(1.0 / warmup, 1.0, warmup), pc.adam_eps, pc.adam_eps_placement, pc.grad_clip),
+        optax.inject_hyperparams(optax.scale)(step_size=1.0),
+    )
+    step_fn = make_train_step(ppo_loss(cfg, pc), optimizer)
+
+    def update(state: State, batch: Batch, order_KR: jax.Array, epoch_K: jax.Array, key: jax.Array) -> tuple:
+        def one(state: State, xs: tuple) -> tuple:
+            rows_R, epoch = xs
+            mini = {k: batch[k][rows_R] for k in _MINIBATCH_KEYS}
+            mini["weight_BN"] = loss_weights(batch["mask_BN"][rows_R], pc.aggregation, pc.n_micro)
+            return step_fn(state, add_micro_axis(mini, pc.n_micro), jax.random.fold_in(key, epoch))
+
+        state, metrics_K = jax.lax.scan(one, state, (order_KR, epoch_K))
+        return state, jax.tree.map(lambda m_K: m_K[-1], metrics_K)
+
+    return optimizer, jax.jit(update, donate_argnums=0)
+
+
+def set_learning_rate(opt_state: optax.OptState, learning_rate: float) -> optax.OptState:
+    """The optimizer state of `_compiled_update` with its peak learning rate set (a runtime value: no recompile)."""
+    adam_state, scale_state = opt_state
+    hyperparams = {**scale_state.hyperparams, "step_size": jnp.asarray(learning_rate, jnp.float32)}
+    return adam_state, scale_state._replace(hyperparams=hyperparams)
+
 
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]  # host-side rollout → score_B (the reward PPO maximises)
 
@@ -301,11 +331,13 @@ def train(
     """
     if sc.temperature != pc.temperature or sc.top_k is not None or sc.top_p is not None:
         raise UserError("sample at the loss's temperature without top-k/top-p: the ratios need the same distribution")
-    optimizer, step_fn = _compiled_step(cfg, _static(pc))
+    optimizer, update = _compiled_update(cfg, _static(pc))
     params = jax.tree.map(jnp.copy, {"policy": policy, "value": value})
-    state: State = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
+    state: State = {"step": jnp.int32(0), "params": params,
+                    "opt_state": set_learning_rate(optimizer.init(params), pc.learning_rate)}
     beta = pc.kl_coef
     B, mb = pc.rollouts_per_iter, pc.rollouts_per_iter // pc.minibatches
+    epoch_K = np.repeat(np.arange(pc.epochs, dtype=np.int32), pc.minibatches)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     for it in range(iters):
@@ -320,14 +352,9 @@ def train(
         score_B = np.asarray(score_fn(host), np.float32)
         batch = prepare(state["params"], ref_params, rollout, jnp.asarray(score_B), jnp.float32(beta), cfg=cfg,
                         pc=_static(pc))
-        for epoch in range(pc.epochs):
-            order = rng.permutation(B)
-            for j in range(pc.minibatches):
-                rows = order[j * mb: (j + 1) * mb]
-                mini = {k: batch[k][rows] for k in ("prompt_BP", "prompt_lens_B", "tokens_BN", "old_logp_BN",
-                                                     "old_values_BN", "adv_BN", "returns_BN")}
-                mini["weight_BN"] = loss_weights(batch["mask_BN"][rows], pc.aggregation, pc.n_micro)
-                state, metrics = step_fn(state, add_micro_axis(mini, pc.n_micro), jax.random.fold_in(it_key, epoch))
+        # Each epoch is a fresh shuffle of the rollout, cut into `minibatches` minibatches of mb rows.
+        order_KR = np.concatenate([rng.permutation(B).reshape(pc.minibatches, mb) for _ in range(pc.epochs)])
+        state, metrics = update(state, batch, order_KR, epoch_K, it_key)
         seq_kl = float(jnp.mean(batch["seq_kl_B"]))
         record = {
             "iter": it + 1, "score": float(score_B.mean()), "seq_kl": seq_kl, "beta": beta,

@@ -95,9 +95,10 @@ def margins(params: model.Params, pairs: Pairs, cfg: ModelConfig, chunk: int = 2
     return np.concatenate(out)[:n]
 
 
-def pairwise_accuracy(params: model.Params, pairs: Pairs, cfg: ModelConfig) -> dict[str, float]:
-    """Agreement with the labels (chosen scored above rejected) and, where r* is known, with the true ordering."""
-    m_B = margins(params, pairs, cfg)
+def pairwise_accuracy(members: list[model.Params], pairs: Pairs, cfg: ModelConfig) -> dict[str, float]:
+    """Agreement of an ensemble's mean score with the labels (chosen above rejected) and, where r* is known, with
+    the true ordering."""
+    m_B = np.mean([margins(params, pairs, cfg) for params in members], axis=0)
     out = {"acc_labels": float(np.mean(m_B > 0))}
     if "chosen_true_B" in pairs:
         true_B = pairs["chosen_true_B"] - pairs["rejected_true_B"]
