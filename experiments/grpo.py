@@ -17,7 +17,9 @@ greedy accuracy, pass@1 at temperature 1 and pass@8 before and after.
 
 Defaults (chosen on training reward and greedy accuracy on training problems, seed 0): β = 0 (no KL term, no
 reference forward pass), 64 prompts × G = 8 per iteration, lr 3e-4 after 20 warmup iterations, cosine to 3e-5 at
-250 iterations, one update per rollout batch. SFT + the GRPO arm fit in 5 minutes on 2 CPU cores.
+500 iterations, one update per rollout batch; the train step sees only the rows of groups with unequal rewards
+(--row_bucket: the others carry no gradient at β = 0, so the update is unchanged). The iteration count is what fits
+SFT + the GRPO arm in 5 minutes on 2 CPU cores (289 s measured, seed 0).
 
 Writes to --workdir: metrics.jsonl and tensorboard/ (per iteration, keys prefixed by arm), curves.png (held-out
 greedy accuracy and pass@1 at T=1 every --eval_every iterations, training reward and KL to the SFT policy against
@@ -77,7 +79,7 @@ flags.DEFINE_float("sft_lr", 1e-3, "SFT learning rate (constant after 20 warmup 
 flags.DEFINE_integer("sft_eval_every", 2, "SFT steps between checks of the stop accuracy once within 0.1 of it "
                      "(5x that before): it rises fast")
 # RL
-flags.DEFINE_integer("iters", 250, "RL iterations (rollout batches) per arm")
+flags.DEFINE_integer("iters", 500, "RL iterations (rollout batches) per arm")
 flags.DEFINE_float("arm_minutes", None, "also stop each RL arm after this many minutes, its evaluations included")
 flags.DEFINE_integer("prompts_per_iter", 64, "prompts per rollout batch")
 flags.DEFINE_integer("group_size", 8, "completions per prompt (G)")
@@ -90,6 +92,8 @@ flags.DEFINE_float("eps_high", 0.2, "upper clip range (DAPO: 0.28)")
 flags.DEFINE_string("scale_rewards", None, "group | batch | none (default: none for dr_grpo, group otherwise)")
 flags.DEFINE_integer("num_updates", 1, "optimizer steps per rollout batch (GRPO's μ)")
 flags.DEFINE_float("temperature", 1.0, "rollout temperature")
+flags.DEFINE_integer("row_bucket", 128, "train only on rows that carry gradient (groups with unequal rewards), "
+                     "padded to a multiple of this many rows (0: train on every row; same update, more compute)")
 flags.DEFINE_integer("kl_every", 10, "at beta=0, log KL to the SFT policy every this many iterations (it costs a "
                      "reference forward pass; with beta > 0 it is computed every iteration)")
 # evaluation
@@ -227,6 +231,7 @@ def run() -> dict:
             sft_params, ref_params=sft_params, cfg=cfg, gc=gcs[arm], tc=tc, task=task, problems=train_problems,
             key=jax.random.fold_in(key, 2), max_iters=FLAGS.iters * (10 if arm == "rft" and budget else 1),
             token_budget=budget if arm == "rft" else None, kl_every=FLAGS.kl_every, on_iter=on_iter,
+            row_bucket=FLAGS.row_bucket or None,
             time_budget_s=None if arm == "rft" or FLAGS.arm_minutes is None else 60 * FLAGS.arm_minutes,
         )
         if budget is None and arm != "rft":

@@ -160,6 +160,31 @@ def test_rft_weights_keep_only_correct_samples():
     np.testing.assert_allclose(made["weight_BN"].sum(-1), [3 / 7, 0, 0, 4 / 7], rtol=1e-6)  # 7 kept tokens
 
 
+@pytest.mark.parametrize("loss,beta,kept", [
+    ("grpo", 0.0, [0, 1]),  # group 2's rewards are equal: advantage 0
+    ("dr_grpo", 0.0, [0, 1]),
+    ("rft", 0.0, [0, 2, 3]),  # the correct samples
+    ("grpo", 0.1, [0, 1, 2, 3]),  # the KL term acts on every row
+])
+def test_contributing_rows_keep_the_gradient(loss, beta, kept):
+    """Training on the contributing rows (padded with dropped ones) gives the full batch's loss gradient, ratio ≠ 1."""
+    params, batch = loss_batch(logp_shift=0.1)
+    gc = grpo.GRPOConfig(loss=loss, beta=beta, group_size=2)
+    rewards = np.array([1, 0, 1, 1], np.float32)
+    batch["adv_B"] = grpo.group_advantages(jnp.asarray(rewards), 2, gc.reward_scaling)
+    mask_BN = batch["mask_BN"] * (rewards[:, None] > 0) if loss == "rft" else batch["mask_BN"]
+    batch["weight_BN"] = rollout.aggregation_weights(mask_BN, grpo.LOSSES[loss])
+    idx = grpo.contributing_rows(batch, gc, bucket=1)
+    assert sorted(idx.tolist()) == kept
+    assert len(grpo.contributing_rows(batch, gc, bucket=3)) == (3 if len(kept) <= 3 else 4)  # padded, ≤ B
+    loss_fn = grpo.policy_loss(CFG, gc)
+    full = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params)
+    part = jax.grad(lambda p: loss_fn(p, {k: v[idx] for k, v in batch.items()}, None)[0])(params)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full)) > 1e-3
+    for g_full, g_part in zip(jax.tree.leaves(full), jax.tree.leaves(part), strict=True):
+        np.testing.assert_allclose(g_part, g_full, atol=1e-7)
+
+
 def test_train_stops_at_the_time_budget():
     """The budget is checked before each iteration: a spent budget returns the starting params and no history."""
     task = tasks.make_task("addition")
@@ -180,8 +205,10 @@ def test_kl_is_logged_every_kl_every_iterations_at_beta_zero(beta, with_kl):
     params = model.init(cfg, jax.random.key(0))
     gc = grpo.GRPOConfig(group_size=2, prompts_per_iter=4, beta=beta)
     _, history = grpo.train(params, ref_params=params, cfg=cfg, gc=gc, tc=TrainConfig(warmup_iters=1), task=task,
-                            problems=task.problems[:64], key=jax.random.key(0), max_iters=4, kl_every=2)
+                            problems=task.problems[:64], key=jax.random.key(0), max_iters=4, kl_every=2,
+                            row_bucket=2)
     assert [h["iter"] for h in history if "kl" in h] == with_kl
+    assert all(h["train_rows"] % 2 == 0 and 2 <= h["train_rows"] <= 8 for h in history)
 
 
 def test_config_validation():

@@ -177,6 +177,26 @@ def make_batch(rollout: dict, rewards_B: np.ndarray, gc: GRPOConfig, ref_logp_BN
     return batch
 
 
+def contributing_rows(batch: Batch, gc: GRPOConfig, bucket: int) -> np.ndarray:
+    """Indices of a row subset whose loss gradient equals the whole batch's, padded to a multiple of `bucket` rows.
+
+    At β = 0 a row with advantage 0 (its group's rewards all equal) or no weight (RFT: an incorrect sample) adds 0
+    to the loss for any ratio, so dropping it changes nothing but the cost. The weights were computed on the full
+    batch, so every aggregation keeps its denominator. Padding with dropped rows (they contribute 0 too) keeps the
+    train step to at most B / bucket compiled shapes.
+    """
+    weight_B = np.asarray(batch["weight_BN"]).any(1)
+    if gc.beta > 0:
+        keep_B = weight_B | np.asarray(batch["mask_BN"]).any(1)  # the KL term acts on every response
+    elif gc.loss == "rft":
+        keep_B = weight_B
+    else:
+        keep_B = weight_B & (np.asarray(batch["adv_B"]) != 0)
+    kept, dropped = np.flatnonzero(keep_B), np.flatnonzero(~keep_B)
+    size = min(len(keep_B), max(bucket, -(-len(kept) // bucket) * bucket))
+    return np.concatenate([kept, dropped[: size - len(kept)]])
+
+
 def rollout_stats(rewards_B: np.ndarray, lengths_B: np.ndarray, group_size: int) -> dict[str, float]:
     """Reward, the fraction of groups with zero reward variance (no learning signal), lengths by correctness."""
     correct_B = rewards_B > 0
@@ -246,6 +266,7 @@ def train(
     token_budget: int | None = None,
     time_budget_s: float | None = None,
     kl_every: int = 1,
+    row_bucket: int | None = None,
     on_iter: Callable[[int, model.Params, dict[str, float]], None] | None = None,
 ) -> tuple[model.Params, list[dict[str, float]]]:
     """Run `max_iters` iterations, or fewer once `token_budget` response tokens have been sampled or `time_budget_s`
@@ -253,7 +274,8 @@ def train(
 
     Iteration i draws its prompts from `problems` as a pure function of (tc.seed, i). `ref_params` is needed when
     β > 0 and otherwise only used to log KL, on the first and every `kl_every`-th iteration (its forward pass is
-    ~12% of an iteration). `on_iter(i, params, record)` may add entries to the record (evals).
+    ~12% of an iteration). The train step sees only the rows that carry gradient (`contributing_rows`), padded to
+    a multiple of `row_bucket` (None: no filtering). `on_iter(i, params, record)` may add entries to the record.
     """
     if gc.beta > 0 and ref_params is None:
         raise UserError("beta > 0 needs the reference policy's params")
@@ -284,7 +306,12 @@ def train(
                                         rollout["tokens_BN"], cfg=cfg, temperature=gc.temperature)[0]
         # At β = 0 the loss never sees the reference: one batch structure, one compiled step.
         batch = make_batch(rollout, rewards_B, gc, ref_logp_BN if gc.beta > 0 else None)
-        micro = add_micro_axis(batch)
+        # Groups with equal rewards carry no gradient (ever more of them as accuracy rises): train on the rest.
+        train_batch = batch
+        if row_bucket is not None:
+            train_idx = contributing_rows(batch, gc, row_bucket)
+            train_batch = {k: v[train_idx] for k, v in batch.items()}
+        micro = add_micro_axis(train_batch)
         clip = {}
         for update in range(gc.num_updates):
             if update == gc.num_updates - 1 and update > 0:  # μ = 1 is on-policy: the ratio is 1, nothing clips
@@ -296,7 +323,8 @@ def train(
             "iter": it + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
             **rollout_stats(rewards_B, lengths_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0, **clip,
             **{k: float(v) for k, v in sample_stats(batch, ref_logp_BN).items()},
-            "sampled_tokens": sampled_tokens, "time_s": time.perf_counter() - start,
+            "sampled_tokens": sampled_tokens, "train_rows": len(train_batch["adv_B"]),
+            "time_s": time.perf_counter() - start,
         }
         if on_iter is not None:
             on_iter(it + 1, state["params"], record)
