@@ -178,6 +178,10 @@ def run() -> dict:
     for arm in FLAGS.loss:
         if arm not in ("grpo", "dr_grpo", "dapo"):
             raise UserError(f"--loss={arm!r}: choose among grpo, dr_grpo, dapo (comma-separated)")
+    # Checked before SFT so a bad value costs nothing (grpo.train checks its own arguments again).
+    for name, least in (("eval_every", 1), ("kl_every", 1), ("row_bucket", 0)):
+        if getattr(FLAGS, name) < least:
+            raise UserError(f"--{name}={getattr(FLAGS, name)} must be ≥ {least}")
     task = tasks.make_task(FLAGS.task)
     train_problems, heldout = task.split(FLAGS.n_heldout)
     cfg = ModelConfig(vocab_size=tasks.VOCAB_SIZE, block_size=task.prompt_len + task.max_new_tokens,

@@ -197,6 +197,16 @@ def test_train_stops_at_the_time_budget():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), out, params))
 
 
+@pytest.mark.parametrize("bad,match", [(dict(kl_every=0), "kl_every"), (dict(row_bucket=-1), "row_bucket")])
+def test_train_rejects_bad_arguments_before_any_work(bad, match):
+    task = tasks.make_task("addition")
+    cfg = ModelConfig(vocab_size=tasks.VOCAB_SIZE, block_size=10, n_layer=1, n_head=2, n_embd=16).validate()
+    params = model.init(cfg, jax.random.key(0))
+    with pytest.raises(UserError, match=match):
+        grpo.train(params, ref_params=params, cfg=cfg, gc=grpo.GRPOConfig(), tc=TrainConfig(), task=task,
+                   problems=task.problems[:64], key=jax.random.key(0), max_iters=1, **bad)
+
+
 @pytest.mark.parametrize("beta,with_kl", [(0.0, [1, 2, 4]), (0.04, [1, 2, 3, 4])])
 def test_kl_is_logged_every_kl_every_iterations_at_beta_zero(beta, with_kl):
     """At β = 0 the reference forward pass (KL logging only) runs on the first and every kl_every-th iteration."""
@@ -235,3 +245,15 @@ def test_experiment_smoke(tmp_path):
         assert summary[key] is not None, key
     assert summary["rft_sampled_tokens"] >= summary["grpo_sampled_tokens"]  # the baseline gets at least the budget
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_experiment_rejects_bad_flags_before_training(tmp_path):
+    """A bad flag is one `error:` line and a non-zero exit, before SFT starts or the workdir is written."""
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.grpo", "--kl_every=0", f"--workdir={workdir}"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: --kl_every=0 must be ≥ 1"
+    assert not workdir.exists()

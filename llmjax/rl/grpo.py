@@ -279,6 +279,10 @@ def train(
     """
     if gc.beta > 0 and ref_params is None:
         raise UserError("beta > 0 needs the reference policy's params")
+    if kl_every < 1:
+        raise UserError(f"kl_every={kl_every} must be ≥ 1: KL is logged every kl_every-th iteration")
+    if row_bucket is not None and row_bucket < 1:
+        raise UserError(f"row_bucket={row_bucket} must be ≥ 1 (or 0 on the command line: train on every row)")
     optimizer = make_optimizer(tc, model.param_axes(cfg))
     step_fn = jax.jit(make_train_step(policy_loss(cfg, gc), optimizer), donate_argnums=0)
     state = new_state(params, optimizer)
