@@ -4,7 +4,7 @@
     python -m experiments.grpo --loss=dr_grpo --norft          # only the Dr. GRPO arm
     python -m experiments.grpo --task=countdown --loss=grpo --norft --sft_stop_acc=0.25 --sft_max_steps=1000 \
         --sft_eval_every=5 --iters=100000 --arm_minutes=4 --eval_every=50      # Countdown, GRPO for 4 minutes
-    python -m experiments.grpo --sft_stop_acc=0.02 --loss=grpo --norft --iters=100   # failure mode: too weak a start
+    python -m experiments.grpo --sft_stop_acc=0.02 --loss=grpo --norft --iters=200   # failure mode: too weak a start
     python -m experiments.grpo --small                         # CI smoke test (< 1 min)
 
 A small transformer (3 layers, width 128) is trained with supervised fine-tuning on reference answers of training
@@ -16,10 +16,13 @@ at equal sampled tokens. Held-out problems (--n_heldout, a fixed split disjoint 
 greedy accuracy, pass@1 at temperature 1 and pass@8 before and after.
 
 Defaults (chosen on training reward and greedy accuracy on training problems, seed 0): β = 0 (no KL term, no
-reference forward pass), 64 prompts × G = 8 per iteration, lr 3e-4 after 20 warmup iterations, cosine to 3e-5 at
-500 iterations, one update per rollout batch; the train step sees only the rows of groups with unequal rewards
-(--row_bucket: the others carry no gradient at β = 0, so the update is unchanged). The iteration count is what fits
-SFT + the GRPO arm in 5 minutes on 2 CPU cores (289 s measured, seed 0).
+reference forward pass), 32 prompts × G = 8 per iteration, lr 3e-4 after 40 warmup iterations, cosine to 3e-5 at
+900 iterations, one update per rollout batch; the train step sees only the rows of groups with unequal rewards
+(--row_bucket: the others carry no gradient at β = 0, so the update is unchanged). Half the batch of the 64-prompt
+recipe costs about half as much per iteration and, run side by side for equal wall time, ends with a higher
+training reward (0.85 vs 0.80 over the last 30 s, seed 0); 16 prompts × 8 and 32 prompts × G = 16 learn slower per
+second. --row_bucket=32 keeps the filtering worth it at this batch (a 128-row bucket rounds most batches back up to
+all 256 rows). The iteration count is what fits SFT + the GRPO arm in 5 minutes on 2 CPU cores (256–273 s).
 
 Writes to --workdir: metrics.jsonl and tensorboard/ (per iteration, keys prefixed by arm), curves.png (held-out
 greedy accuracy and pass@1 at T=1 every --eval_every iterations, training reward and KL to the SFT policy against
@@ -79,26 +82,26 @@ flags.DEFINE_float("sft_lr", 1e-3, "SFT learning rate (constant after 20 warmup 
 flags.DEFINE_integer("sft_eval_every", 2, "SFT steps between checks of the stop accuracy once within 0.1 of it "
                      "(5x that before): it rises fast")
 # RL
-flags.DEFINE_integer("iters", 500, "RL iterations (rollout batches) per arm")
+flags.DEFINE_integer("iters", 900, "RL iterations (rollout batches) per arm")
 flags.DEFINE_float("arm_minutes", None, "also stop each RL arm after this many minutes, its evaluations included")
-flags.DEFINE_integer("prompts_per_iter", 64, "prompts per rollout batch")
+flags.DEFINE_integer("prompts_per_iter", 32, "prompts per rollout batch")
 flags.DEFINE_integer("group_size", 8, "completions per prompt (G)")
 flags.DEFINE_float("lr", 3e-4, "RL learning rate after --warmup_iters")
 flags.DEFINE_float("min_lr", 3e-5, "cosine-decay the RL learning rate to this at --iters (--min_lr=--lr: constant)")
-flags.DEFINE_integer("warmup_iters", 20, "RL warmup: a fresh Adam's first full-size step wrecks the policy")
+flags.DEFINE_integer("warmup_iters", 40, "RL warmup: a fresh Adam's first full-size step wrecks the policy")
 flags.DEFINE_float("beta", 0.0, "k3 KL coefficient (0 drops the KL term and the reference forward pass)")
 flags.DEFINE_float("eps_low", 0.2, "lower clip range of the ratio")
 flags.DEFINE_float("eps_high", 0.2, "upper clip range (DAPO: 0.28)")
 flags.DEFINE_string("scale_rewards", None, "group | batch | none (default: none for dr_grpo, group otherwise)")
 flags.DEFINE_integer("num_updates", 1, "optimizer steps per rollout batch (GRPO's μ)")
 flags.DEFINE_float("temperature", 1.0, "rollout temperature")
-flags.DEFINE_integer("row_bucket", 128, "train only on rows that carry gradient (groups with unequal rewards), "
+flags.DEFINE_integer("row_bucket", 32, "train only on rows that carry gradient (groups with unequal rewards), "
                      "padded to a multiple of this many rows (0: train on every row; same update, more compute)")
 flags.DEFINE_integer("kl_every", 10, "at beta=0, log KL to the SFT policy every this many iterations (it costs a "
                      "reference forward pass; with beta > 0 it is computed every iteration)")
 # evaluation
 flags.DEFINE_integer("n_heldout", 500, "held-out problems (fixed split, never trained on)")
-flags.DEFINE_integer("eval_every", 50, "RL iterations between held-out greedy evaluations for the curves")
+flags.DEFINE_integer("eval_every", 100, "RL iterations between held-out greedy evaluations for the curves")
 flags.DEFINE_integer("curve_problems", 200, "held-out problems in each curve point")
 
 # Shapes shared with the evaluation chunks (32 prompts × G), so the smoke run compiles as few programs as possible.
