@@ -70,44 +70,53 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, sc: SamplingConfig) -> tu
     return token_B.astype(jnp.int32), jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sc"))
+def cache_step_mask(start: jax.Array, T: int, R: int, pad_B: jax.Array, window: int | None) -> jax.Array:
+    """mask_BT(R+T) for T tokens at absolute slots start.. of left-padded rows (pad_B padding slots each): over
+    the R slots of a ring-buffer cache (`model.attend_cache`), then the T new tokens."""
+    query_T = start + jnp.arange(T)
+    # Ring slot r holds the latest absolute slot before `start` that is ≡ r (mod R); negative: never written.
+    cached_R = start - 1 - (start - 1 - jnp.arange(R)) % R
+    key_S = jnp.concatenate([cached_R, query_T])
+    mask_BTS = (key_S[None, None, :] <= query_T[None, :, None]) & (key_S >= pad_B[:, None])[:, None, :]
+    if window is not None:
+        mask_BTS &= key_S[None, None, :] > query_T[None, :, None] - window
+    return mask_BTS
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sc", "samples_per_prompt"))
 def generate(
     params: model.Params,
-    prompt_BP: jax.Array,
-    prompt_lens_B: jax.Array,
+    prompt_QP: jax.Array,
+    prompt_lens_Q: jax.Array,
     key: jax.Array,
     *,
     cfg: ModelConfig,
     max_new_tokens: int,
     sc: SamplingConfig = SamplingConfig(),
+    samples_per_prompt: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decode `max_new_tokens` after left-padded prompts: (tokens_BN, logprobs_BN, lengths_B).
 
     `lengths_B` counts generated tokens up to and including the stop token; later slots are `pad_id`, logprob 0.
+    With `samples_per_prompt` S, rows q·S .. q·S+S-1 continue prompt q (B = Q·S): each prompt is prefilled once and
+    its cache copied to its S rows.
     """
-    B, P = prompt_BP.shape
-    pad_B = P - prompt_lens_B
+    P = prompt_QP.shape[1]
     window = cfg.sliding_window
-    cache = model.init_cache(cfg, B, P + max_new_tokens)
+    pad_Q = P - prompt_lens_Q
+    cache = model.init_cache(cfg, prompt_QP.shape[0], P + max_new_tokens)
     R = next(iter(cache.values())).shape[2]  # cache slots: all P + max_new_tokens, or the last `window`
-
-    def step_mask(start: jax.Array, T: int) -> jax.Array:
-        """mask_BT(R+T) for T tokens at absolute slots start.. over the R cache slots, then the T new tokens."""
-        query_T = start + jnp.arange(T)
-        # Ring slot r holds the latest absolute slot before `start` that is ≡ r (mod R); negative: never written.
-        cached_R = start - 1 - (start - 1 - jnp.arange(R)) % R
-        key_S = jnp.concatenate([cached_R, query_T])
-        mask_BTS = (key_S[None, None, :] <= query_T[None, :, None]) & (key_S >= pad_B[:, None])[:, None, :]
-        if window is not None:
-            mask_BTS &= key_S[None, None, :] > query_T[None, :, None] - window
-        return mask_BTS
-
-    positions_BP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
-    h_BPD, cache = model.trunk(
-        params, prompt_BP, cfg, positions_BT=positions_BP, mask_BTS=step_mask(jnp.int32(0), P), cache=cache,
+    positions_QP = jnp.maximum(jnp.arange(P)[None, :] - pad_Q[:, None], 0)
+    prefill_mask_QPS = cache_step_mask(jnp.int32(0), P, R, pad_Q, window)
+    h_QPD, cache = model.trunk(
+        params, prompt_QP, cfg, positions_BT=positions_QP, mask_BTS=prefill_mask_QPS, cache=cache,
         cache_index=jnp.int32(0),
     )
-    logits_BV = model.unembed(params, h_BPD[:, -1:], cfg)[:, 0]
+    logits_BV = jnp.repeat(model.unembed(params, h_QPD[:, -1], cfg), samples_per_prompt, axis=0)
+    cache = jax.tree.map(lambda c_LQR: jnp.repeat(c_LQR, samples_per_prompt, axis=1), cache)
+    pad_B = jnp.repeat(pad_Q, samples_per_prompt)
+    B = pad_B.shape[0]
+    step_mask = functools.partial(cache_step_mask, R=R, pad_B=pad_B, window=window)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, _, _, done_B, _ = carry

@@ -107,6 +107,23 @@ def test_sampling_is_deterministic_per_key():
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_samples_per_prompt_equal_repeated_prompts(window):
+    """Prefilling each prompt once for its S samples draws exactly what decoding S copies of it draws."""
+    cfg = tiny("rope", sliding_window=window)
+    params = random_params(cfg)
+    prompt_QP, lens_Q = (jnp.asarray(a) for a in left_pad(PROMPTS))
+    sc = SamplingConfig(temperature=1.5)
+    shared = generate(params, prompt_QP, lens_Q, jax.random.key(4), cfg=cfg, max_new_tokens=N_NEW, sc=sc,
+                      samples_per_prompt=3)
+    copies = generate(params, jnp.repeat(prompt_QP, 3, axis=0), jnp.repeat(lens_Q, 3), jax.random.key(4), cfg=cfg,
+                      max_new_tokens=N_NEW, sc=sc)
+    assert shared[0].shape == (9, N_NEW) and len(set(map(tuple, np.asarray(shared[0][:3])))) > 1
+    np.testing.assert_array_equal(shared[0], copies[0])
+    np.testing.assert_allclose(shared[1], copies[1], atol=1e-5)
+    np.testing.assert_array_equal(shared[2], copies[2])
+
+
 def test_sample_long_goes_past_the_context_length():
     """sample_long produces more tokens than block_size with learned positions; its first window is plain greedy."""
     cfg = tiny("learned", block_size=16)

@@ -17,7 +17,7 @@ from llmjax.train import make_train_step
 
 PAD, EOS = 0, 1
 CFG = ModelConfig(vocab_size=7, block_size=12, n_layer=1, n_head=2, n_embd=16).validate()
-logprobs = jax.jit(rollout.token_logprobs, static_argnames=("cfg", "temperature"))
+logprobs = jax.jit(rollout.token_logprobs, static_argnames=("cfg", "temperature", "group_size"))
 
 
 @functools.cache
@@ -72,6 +72,31 @@ def test_teacher_forced_logprobs_match_the_sampler(cfg, temperature):
     assert mask_BN.sum() > 12 and (np.asarray(out["logp_BN"])[mask_BN == 0] == 0).all()
     np.testing.assert_allclose(np.asarray(logp_BN) * mask_BN, out["logp_BN"], atol=2e-5)
     assert (np.asarray(entropy_BN) > 0).all() and (np.asarray(entropy_BN) <= np.log(7) + 1e-5).all()
+    # Each prompt run once for its group of 4 (through a KV cache, a ring of 3 slots with the sliding window).
+    grouped_BN, grouped_entropy_BN = logprobs(params(cfg), out["prompt_BP"], out["prompt_lens_B"], out["tokens_BN"],
+                                              cfg=cfg, temperature=temperature, group_size=4)
+    np.testing.assert_allclose(grouped_BN, logp_BN, atol=2e-5)
+    np.testing.assert_allclose(grouped_entropy_BN, entropy_BN, atol=2e-5)
+
+
+def test_shared_prompt_gradient_equals_per_row():
+    """Running a group's prompt once sums its G rows' gradients through the shared keys/values: the same gradient as
+    running every row in full; rows that do not split into groups are refused."""
+    prompt_BP, lens_B = prompts()
+    prompt_BP, lens_B = np.repeat(prompt_BP, 2, axis=0), np.repeat(lens_B, 2, axis=0)
+    tokens_BN = jnp.asarray(np.random.default_rng(0).integers(1, 7, (6, 4)), jnp.int32)
+    weight_BN = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4)), jnp.float32)
+
+    def grad(group_size: int) -> model.Params:
+        return jax.grad(lambda p: jnp.sum(weight_BN * rollout.token_logprobs(
+            p, prompt_BP, lens_B, tokens_BN, CFG, group_size=group_size)[0]))(params())
+
+    per_row, shared = grad(1), grad(2)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(per_row)) > 1e-2
+    for g_row, g_shared in zip(jax.tree.leaves(per_row), jax.tree.leaves(shared), strict=True):
+        np.testing.assert_allclose(g_shared, g_row, atol=1e-5)
+    with pytest.raises(ValueError, match="groups of 4"):
+        rollout.token_logprobs(params(), prompt_BP, lens_B, tokens_BN, CFG, group_size=4)
 
 
 def test_logprobs_ignore_left_padding():

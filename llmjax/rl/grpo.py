@@ -111,7 +111,7 @@ def policy_loss(cfg: ModelConfig, gc: GRPOConfig) -> LossFn:
 
     def loss_fn(params: model.Params, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         logp_BN, _ = token_logprobs(
-            params, batch["prompt_BP"], batch["prompt_lens_B"], batch["tokens_BN"], cfg, gc.temperature
+            params, batch["prompt_BP"], batch["prompt_lens_B"], batch["tokens_BN"], cfg, gc.temperature, gc.group_size
         )
         ratio_BN = jnp.exp(logp_BN - batch["old_logp_BN"])
         surrogate_BN, _ = _clipped(ratio_BN, batch["adv_B"][:, None], gc)
@@ -127,7 +127,7 @@ def policy_loss(cfg: ModelConfig, gc: GRPOConfig) -> LossFn:
 def diagnostics(params: model.Params, batch: Batch, *, cfg: ModelConfig, gc: GRPOConfig) -> dict[str, jax.Array]:
     """Token means over the responses: k3 KL to the reference (if given), clip fraction, ratio and entropy."""
     logp_BN, entropy_BN = token_logprobs(
-        params, batch["prompt_BP"], batch["prompt_lens_B"], batch["tokens_BN"], cfg, gc.temperature
+        params, batch["prompt_BP"], batch["prompt_lens_B"], batch["tokens_BN"], cfg, gc.temperature, gc.group_size
     )
     mask_BN = batch["mask_BN"]
 
@@ -158,7 +158,7 @@ def sample_stats(batch: Batch, ref_logp_BN: jax.Array | None = None) -> dict[str
     return out
 
 
-_ref_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "temperature"))
+_ref_logprobs = jax.jit(token_logprobs, static_argnames=("cfg", "temperature", "group_size"))
 
 
 def make_batch(rollout: dict, rewards_B: np.ndarray, gc: GRPOConfig, ref_logp_BN: jax.Array | None) -> Batch:
@@ -183,7 +183,9 @@ def contributing_rows(batch: Batch, gc: GRPOConfig, bucket: int) -> np.ndarray:
     At β = 0 a row with advantage 0 (its group's rewards all equal) or no weight (RFT: an incorrect sample) adds 0
     to the loss for any ratio, so dropping it changes nothing but the cost. The weights were computed on the full
     batch, so every aggregation keeps its denominator. Padding with dropped rows (they contribute 0 too) keeps the
-    train step to at most B / bucket compiled shapes.
+    train step to at most B / bucket compiled shapes. The RL losses run each prompt once per group
+    (`token_logprobs` with group_size), so for them whole groups are kept, in order, and `bucket` is rounded up to
+    whole groups.
     """
     weight_B = np.asarray(batch["weight_BN"]).any(1)
     if gc.beta > 0:
@@ -192,9 +194,13 @@ def contributing_rows(batch: Batch, gc: GRPOConfig, bucket: int) -> np.ndarray:
         keep_B = weight_B
     else:
         keep_B = weight_B & (np.asarray(batch["adv_B"]) != 0)
-    kept, dropped = np.flatnonzero(keep_B), np.flatnonzero(~keep_B)
-    size = min(len(keep_B), max(bucket, -(-len(kept) // bucket) * bucket))
-    return np.concatenate([kept, dropped[: size - len(kept)]])
+    unit = 1 if gc.loss == "rft" else gc.group_size  # rows per indivisible unit
+    keep_U = keep_B.reshape(-1, unit).any(1)
+    kept, dropped = np.flatnonzero(keep_U), np.flatnonzero(~keep_U)
+    bucket_units = -(-bucket // unit)
+    size = min(len(keep_U), max(bucket_units, -(-len(kept) // bucket_units) * bucket_units))
+    units = np.concatenate([kept, dropped[: size - len(kept)]])
+    return (units[:, None] * unit + np.arange(unit)).reshape(-1)
 
 
 def rollout_stats(rewards_B: np.ndarray, lengths_B: np.ndarray, group_size: int) -> dict[str, float]:
@@ -273,8 +279,8 @@ def train(
     seconds have passed (checked between iterations): (params, history).
 
     Iteration i draws its prompts from `problems` as a pure function of (tc.seed, i). `ref_params` is needed when
-    β > 0 and otherwise only used to log KL, on the first and every `kl_every`-th iteration (its forward pass is
-    ~12% of an iteration). The train step sees only the rows that carry gradient (`contributing_rows`), padded to
+    β > 0 and otherwise only used to log KL, on the first and every `kl_every`-th iteration (it costs a forward
+    pass). The train step sees only the rows that carry gradient (`contributing_rows`), padded to
     a multiple of `row_bucket` (None: no filtering). `on_iter(i, params, record)` may add entries to the record.
     """
     if gc.beta > 0 and ref_params is None:
@@ -307,7 +313,8 @@ def train(
         ref_logp_BN = None
         if ref_params is not None and (gc.beta > 0 or it == 0 or (it + 1) % kl_every == 0):
             ref_logp_BN = _ref_logprobs(ref_params, rollout["prompt_BP"], rollout["prompt_lens_B"],
-                                        rollout["tokens_BN"], cfg=cfg, temperature=gc.temperature)[0]
+                                        rollout["tokens_BN"], cfg=cfg, temperature=gc.temperature,
+                                        group_size=gc.group_size)[0]
         # At β = 0 the loss never sees the reference: one batch structure, one compiled step.
         batch = make_batch(rollout, rewards_B, gc, ref_logp_BN if gc.beta > 0 else None)
         # Groups with equal rewards carry no gradient (ever more of them as accuracy rises): train on the rest.

@@ -23,7 +23,7 @@ import numpy as np
 
 from llmjax import model
 from llmjax.config import ModelConfig
-from llmjax.generate import SamplingConfig, generate
+from llmjax.generate import SamplingConfig, cache_step_mask, generate
 from llmjax.train import Batch, LossFn
 
 Rollout = dict[str, jax.Array]  # prompt_BP, prompt_lens_B, tokens_BN, logp_BN, lengths_B, mask_BN
@@ -65,30 +65,57 @@ def token_logprobs(
     tokens_BN: jax.Array,
     cfg: ModelConfig,
     temperature: float = 1.0,
+    group_size: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced (logp_BN, entropy_BN) of each response slot under softmax(logits / temperature).
 
     One forward pass over prompt + response. Positions count from each row's first real token and left padding is
     masked out of attention, as in `generate`, so the result matches the sampler's log-probs.
+
+    With `group_size` G > 1 the caller promises that rows b·G .. b·G+G-1 share one prompt (the layout of
+    `sample_groups`): each prompt is run once into a KV cache that its G responses attend to. Same log-probs, but
+    the matmuls see P/G + N tokens per row instead of P + N (GRPO's train step is matmul-bound).
     """
-    B, P = prompt_BP.shape
-    inputs_BT = jnp.concatenate([prompt_BP, tokens_BN[:, :-1]], axis=1)  # the last slot predicts nothing
-    T = inputs_BT.shape[1]
-    pad_B = P - prompt_lens_B
-    slots_T = jnp.arange(T)
-    # Keys: every prompt and response slot (slots after a stop token only feed queries whose output is masked).
-    full_B = jnp.full_like(prompt_lens_B, tokens_BN.shape[1])
-    real_BT = ~layout_masks(prompt_lens_B, P, full_B, tokens_BN.shape[1])["padding"][:, :T]
-    mask_BTT = (slots_T[None, None, :] <= slots_T[None, :, None]) & real_BT[:, None, :]
-    if cfg.sliding_window is not None:
-        mask_BTT &= slots_T[None, None, :] > slots_T[None, :, None] - cfg.sliding_window
-    positions_BT = jnp.maximum(slots_T[None, :] - pad_B[:, None], 0)
-    h_BTD, _ = model.trunk(params, inputs_BT, cfg, positions_BT=positions_BT, mask_BTS=mask_BTT)
-    logits_BNV = model.unembed(params, h_BTD[:, P - 1:], cfg) / temperature
+    if group_size > 1:
+        h_BND = _shared_prompt_hidden(params, prompt_BP, prompt_lens_B, tokens_BN, cfg, group_size)
+    else:
+        h_BND = row_hidden(params, prompt_BP, prompt_lens_B, tokens_BN[:, :-1], cfg)[:, prompt_BP.shape[1] - 1:]
+    logits_BNV = model.unembed(params, h_BND, cfg) / temperature
     logp_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
     logp_BN = jnp.take_along_axis(logp_BNV, tokens_BN[..., None], axis=-1)[..., 0]
     entropy_BN = -jnp.sum(jnp.exp(logp_BNV) * logp_BNV, axis=-1)
     return logp_BN, entropy_BN
+
+
+def _shared_prompt_hidden(
+    params: model.Params,
+    prompt_BP: jax.Array,
+    prompt_lens_B: jax.Array,
+    tokens_BN: jax.Array,
+    cfg: ModelConfig,
+    group_size: int,
+) -> jax.Array:
+    """h_BND: the states before each response token, the prompt run once per group of `group_size` rows."""
+    B, P = prompt_BP.shape
+    N = tokens_BN.shape[1]
+    if B % group_size:
+        raise ValueError(f"{B} rows do not split into groups of {group_size}")
+    prompt_QP, pad_Q, pad_B = prompt_BP[::group_size], (P - prompt_lens_B)[::group_size], P - prompt_lens_B
+    cache = model.init_cache(cfg, B // group_size, P + N - 1)
+    R = next(iter(cache.values())).shape[2]
+    h_QPD, cache = model.trunk(
+        params, prompt_QP, cfg, positions_BT=jnp.maximum(jnp.arange(P)[None, :] - pad_Q[:, None], 0),
+        mask_BTS=cache_step_mask(jnp.int32(0), P, R, pad_Q, cfg.sliding_window), cache=cache,
+        cache_index=jnp.int32(0),
+    )
+    cache = jax.tree.map(lambda c_LQR: jnp.repeat(c_LQR, group_size, axis=1), cache)
+    # The response's own slots (the last one predicts nothing), attending to the group's prompt in the cache.
+    h_BTD, _ = model.trunk(
+        params, tokens_BN[:, :-1], cfg, positions_BT=P + jnp.arange(N - 1)[None, :] - pad_B[:, None],
+        mask_BTS=cache_step_mask(jnp.int32(P), N - 1, R, pad_B, cfg.sliding_window), cache=cache,
+        cache_index=jnp.int32(P),
+    )
+    return jnp.concatenate([jnp.repeat(h_QPD[:, -1:], group_size, axis=0), h_BTD], axis=1)
 
 
 def row_hidden(
@@ -136,7 +163,8 @@ def sample_groups(
     prompt_RP = jnp.repeat(prompt_BP, group_size, axis=0)
     prompt_lens_R = jnp.repeat(prompt_lens_B, group_size, axis=0)
     tokens_RN, logp_RN, lengths_R = generate(
-        params, prompt_RP, prompt_lens_R, key, cfg=cfg, max_new_tokens=max_new_tokens, sc=sc
+        params, prompt_BP, prompt_lens_B, key, cfg=cfg, max_new_tokens=max_new_tokens, sc=sc,
+        samples_per_prompt=group_size,
     )
     return {"prompt_BP": prompt_RP, "prompt_lens_B": prompt_lens_R, "tokens_BN": tokens_RN, "logp_BN": logp_RN,
             "lengths_B": lengths_R, "mask_BN": response_mask(lengths_R, max_new_tokens)}
