@@ -38,6 +38,7 @@ iteration, accuracy against sampled tokens), config.json and summary.json with k
                                              iterations (those that logged it: every --kl_every-th at beta=0)
     {arm}_zero_var_frac_start                fraction of groups with zero reward variance, first 10 iterations
     {arm}_len_incorrect_start, _end          mean length of incorrect responses, first and last 10 iterations
+    {arm}_len_incorrect_excess_start, _end   the same for their length minus the reference answer's
     {arm}_len_correct_start, _end            the same for correct ones
     {arm}_time_s                             the arm's wall time, evaluations included
     sft_steps, sft_time_s                    SFT steps taken before the stop, and its wall time
@@ -256,6 +257,8 @@ def run() -> dict:
             f"{arm}_zero_var_frac_start": window_mean(history, "zero_var_frac", first=True),
             f"{arm}_len_incorrect_start": window_mean(history, "len_incorrect", first=True),
             f"{arm}_len_incorrect_end": window_mean(history, "len_incorrect", first=False),
+            f"{arm}_len_incorrect_excess_start": window_mean(history, "len_incorrect_excess", first=True),
+            f"{arm}_len_incorrect_excess_end": window_mean(history, "len_incorrect_excess", first=False),
             f"{arm}_len_correct_start": window_mean(history, "len_correct", first=True),
             f"{arm}_len_correct_end": window_mean(history, "len_correct", first=False),
             f"{arm}_time_s": time.perf_counter() - arm_start,

@@ -40,10 +40,12 @@ def test_group_advantages_graded_rewards():
 def test_rollout_stats():
     rewards = np.array([1, 0, 0, 0, 1, 1, 0, 0], np.float32)  # groups of 2: (1,0) (0,0) (1,1) (0,0)
     lengths = np.array([3, 5, 6, 6, 2, 4, 6, 2])
-    stats = grpo.rollout_stats(rewards, lengths, 2)
+    reference_lens = np.array([3, 3, 4, 4, 2, 2, 5, 5])
+    stats = grpo.rollout_stats(rewards, lengths, reference_lens, 2)
     assert stats["zero_var_frac"] == 0.75
     assert stats["reward"] == 3 / 8
     assert stats["len_correct"] == 3.0 and stats["len_incorrect"] == 5.0
+    assert stats["len_incorrect_excess"] == (2 + 2 + 2 + 1 - 3) / 5  # incorrect rows 1, 2, 3, 6, 7
 
 
 def test_sample_stats_from_the_sampler_logprobs():

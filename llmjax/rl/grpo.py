@@ -203,15 +203,27 @@ def contributing_rows(batch: Batch, gc: GRPOConfig, bucket: int) -> np.ndarray:
     return (units[:, None] * unit + np.arange(unit)).reshape(-1)
 
 
-def rollout_stats(rewards_B: np.ndarray, lengths_B: np.ndarray, group_size: int) -> dict[str, float]:
-    """Reward, the fraction of groups with zero reward variance (no learning signal), lengths by correctness."""
+def rollout_stats(
+    rewards_B: np.ndarray, lengths_B: np.ndarray, reference_lens_B: np.ndarray, group_size: int
+) -> dict[str, float]:
+    """Reward, the fraction of groups with zero reward variance (no learning signal), lengths by correctness.
+
+    `len_incorrect_excess` is how much longer a wrong answer is than its problem's reference answer (both with
+    EOS): the raw length of wrong answers also moves with which problems are still wrong (on addition, a 3-digit
+    sum's answers are longer), the excess only with how the model answers.
+    """
     correct_B = rewards_B > 0
     r_BG = rewards_B.reshape(-1, group_size)
+
+    def mean(x_B: np.ndarray, where_B: np.ndarray) -> float:
+        return float(x_B[where_B].mean()) if where_B.any() else float("nan")
+
     return {
         "reward": float(rewards_B.mean()),
         "zero_var_frac": float(np.mean(r_BG.max(1) == r_BG.min(1))),
-        "len_correct": float(lengths_B[correct_B].mean()) if correct_B.any() else float("nan"),
-        "len_incorrect": float(lengths_B[~correct_B].mean()) if (~correct_B).any() else float("nan"),
+        "len_correct": mean(lengths_B, correct_B),
+        "len_incorrect": mean(lengths_B, ~correct_B),
+        "len_incorrect_excess": mean(lengths_B - reference_lens_B, ~correct_B),
     }
 
 
@@ -293,6 +305,7 @@ def train(
     step_fn = jax.jit(make_train_step(policy_loss(cfg, gc), optimizer), donate_argnums=0)
     state = new_state(params, optimizer)
     prompt_XP, lens_X = pad_prompts([tasks.encode(p.prompt) for p in problems], task.prompt_len, tasks.PAD)
+    reference_lens_X = np.array([len(tasks.encode(p.solution)) + 1 for p in problems])  # + EOS
     sc = SamplingConfig(temperature=gc.temperature, stop_token=tasks.EOS, pad_id=tasks.PAD)
     history: list[dict[str, float]] = []
     sampled_tokens = 0
@@ -308,6 +321,7 @@ def train(
         rollout = sample_groups(state["params"], prompt_XP[idx], lens_X[idx], it_key, cfg=cfg,
                                 group_size=gc.group_size, max_new_tokens=task.max_new_tokens, sc=sc)
         rows = [problems[i] for i in idx for _ in range(gc.group_size)]
+        reference_lens_B = np.repeat(reference_lens_X[idx], gc.group_size)
         tokens_BN, lengths_B = np.asarray(rollout["tokens_BN"]), np.asarray(rollout["lengths_B"])
         rewards_B = tasks.reward_batch(task, rows, tokens_BN)
         ref_logp_BN = None
@@ -332,7 +346,8 @@ def train(
         sampled_tokens += int(lengths_B.sum())
         record = {
             "iter": it + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            **rollout_stats(rewards_B, lengths_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0, **clip,
+            **rollout_stats(rewards_B, lengths_B, reference_lens_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0,
+            **clip,
             **{k: float(v) for k, v in sample_stats(batch, ref_logp_BN).items()},
             "sampled_tokens": sampled_tokens, "train_rows": len(train_batch["adv_B"]),
             "time_s": time.perf_counter() - start,
