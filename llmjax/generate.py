@@ -83,6 +83,25 @@ def cache_step_mask(start: jax.Array, T: int, R: int, pad_B: jax.Array, window: 
     return mask_BTS
 
 
+def cache_slots(cache: model.Cache) -> int:
+    """R: every slot of the sequence, or with a sliding window only the last `window` (a ring buffer)."""
+    return next(iter(cache.values())).shape[2]
+
+
+def prefill(
+    params: model.Params, prompt_QP: jax.Array, prompt_lens_Q: jax.Array, cfg: ModelConfig, length: int
+) -> tuple[jax.Array, model.Cache]:
+    """Run left-padded prompts into a fresh KV cache for `length` slots in all: (h_QPD, cache)."""
+    P = prompt_QP.shape[1]
+    pad_Q = P - prompt_lens_Q
+    cache = model.init_cache(cfg, prompt_QP.shape[0], length)
+    positions_QP = jnp.maximum(jnp.arange(P)[None, :] - pad_Q[:, None], 0)
+    mask_QPS = cache_step_mask(jnp.int32(0), P, cache_slots(cache), pad_Q, cfg.sliding_window)
+    return model.trunk(
+        params, prompt_QP, cfg, positions_BT=positions_QP, mask_BTS=mask_QPS, cache=cache, cache_index=jnp.int32(0)
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sc", "samples_per_prompt"))
 def generate(
     params: model.Params,
@@ -102,21 +121,13 @@ def generate(
     its cache copied to its S rows.
     """
     P = prompt_QP.shape[1]
-    window = cfg.sliding_window
-    pad_Q = P - prompt_lens_Q
-    cache = model.init_cache(cfg, prompt_QP.shape[0], P + max_new_tokens)
-    R = next(iter(cache.values())).shape[2]  # cache slots: all P + max_new_tokens, or the last `window`
-    positions_QP = jnp.maximum(jnp.arange(P)[None, :] - pad_Q[:, None], 0)
-    prefill_mask_QPS = cache_step_mask(jnp.int32(0), P, R, pad_Q, window)
-    h_QPD, cache = model.trunk(
-        params, prompt_QP, cfg, positions_BT=positions_QP, mask_BTS=prefill_mask_QPS, cache=cache,
-        cache_index=jnp.int32(0),
-    )
+    h_QPD, cache = prefill(params, prompt_QP, prompt_lens_Q, cfg, P + max_new_tokens)
+    R = cache_slots(cache)
     logits_BV = jnp.repeat(model.unembed(params, h_QPD[:, -1], cfg), samples_per_prompt, axis=0)
     cache = jax.tree.map(lambda c_LQR: jnp.repeat(c_LQR, samples_per_prompt, axis=1), cache)
-    pad_B = jnp.repeat(pad_Q, samples_per_prompt)
+    pad_B = jnp.repeat(P - prompt_lens_Q, samples_per_prompt)
     B = pad_B.shape[0]
-    step_mask = functools.partial(cache_step_mask, R=R, pad_B=pad_B, window=window)
+    step_mask = functools.partial(cache_step_mask, R=R, pad_B=pad_B, window=cfg.sliding_window)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, _, _, done_B, _ = carry

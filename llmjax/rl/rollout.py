@@ -23,7 +23,7 @@ import numpy as np
 
 from llmjax import model
 from llmjax.config import ModelConfig
-from llmjax.generate import SamplingConfig, cache_step_mask, generate
+from llmjax.generate import SamplingConfig, cache_slots, cache_step_mask, generate, prefill
 from llmjax.train import Batch, LossFn
 
 Rollout = dict[str, jax.Array]  # prompt_BP, prompt_lens_B, tokens_BN, logp_BN, lengths_B, mask_BN
@@ -100,14 +100,8 @@ def _shared_prompt_hidden(
     N = tokens_BN.shape[1]
     if B % group_size:
         raise ValueError(f"{B} rows do not split into groups of {group_size}")
-    prompt_QP, pad_Q, pad_B = prompt_BP[::group_size], (P - prompt_lens_B)[::group_size], P - prompt_lens_B
-    cache = model.init_cache(cfg, B // group_size, P + N - 1)
-    R = next(iter(cache.values())).shape[2]
-    h_QPD, cache = model.trunk(
-        params, prompt_QP, cfg, positions_BT=jnp.maximum(jnp.arange(P)[None, :] - pad_Q[:, None], 0),
-        mask_BTS=cache_step_mask(jnp.int32(0), P, R, pad_Q, cfg.sliding_window), cache=cache,
-        cache_index=jnp.int32(0),
-    )
+    h_QPD, cache = prefill(params, prompt_BP[::group_size], prompt_lens_B[::group_size], cfg, P + N - 1)
+    R, pad_B = cache_slots(cache), P - prompt_lens_B
     cache = jax.tree.map(lambda c_LQR: jnp.repeat(c_LQR, group_size, axis=1), cache)
     # The response's own slots (the last one predicts nothing), attending to the group's prompt in the cache.
     h_BTD, _ = model.trunk(
