@@ -40,6 +40,9 @@ iteration, accuracy against sampled tokens), config.json and summary.json with k
     {arm}_len_incorrect_start, _end          mean length of incorrect responses, first and last 10 iterations
     {arm}_len_incorrect_excess_start, _end   the same for their length minus the reference answer's
     {arm}_len_correct_start, _end            the same for correct ones
+    {arm}_len_incorrect_paired_change, _se, _problems   per problem, its wrong answers' mean length in the last
+                                             quarter of the iterations minus in the first quarter, averaged over
+                                             the problems wrong in both (with its standard error and their count)
     {arm}_time_s                             the arm's wall time, evaluations included
     sft_steps, sft_time_s                    SFT steps taken before the stop, and its wall time
     wall_time_s                              the whole run
@@ -225,7 +228,11 @@ def run() -> dict:
     for arm in arms:
         arm_start = time.perf_counter()
 
-        def on_iter(it: int, params: model.Params, record: dict, arm: str = arm) -> None:
+        rows_by_iter: list[dict[str, np.ndarray]] = []
+
+        def on_iter(it: int, params: model.Params, record: dict, rows: dict, arm: str = arm,
+                    rows_by_iter: list = rows_by_iter) -> None:
+            rows_by_iter.append(rows)
             if it % FLAGS.eval_every == 0 or it == 1:
                 point = grpo.evaluate(params, curve_problems, task, eval_key, cfg=cfg, n_samples=FLAGS.group_size)
                 record["heldout_greedy_acc"], record["heldout_pass1"] = point["greedy_acc"], point["pass1"]
@@ -250,6 +257,9 @@ def run() -> dict:
         final = grpo.evaluate(params, heldout, task, eval_key, cfg=cfg, n_samples=FLAGS.group_size)
         console(f"{arm} on held-out after {len(history)} iterations ({time.perf_counter() - arm_start:.0f}s): "
                 + json.dumps(final))
+        rows_IB = {k: np.stack([r[k] for r in rows_by_iter]) for k in ("problem_B", "lengths_B", "rewards_B")}
+        paired = grpo.paired_length_change(rows_IB["problem_B"], rows_IB["lengths_B"], rows_IB["rewards_B"] > 0,
+                                           window=max(len(history) // 4, 1))
         summary.update({
             f"{arm}_greedy_acc": final["greedy_acc"], f"{arm}_pass1": final["pass1"], f"{arm}_pass8": final["pass_n"],
             f"{arm}_sampled_tokens": history[-1]["sampled_tokens"], f"{arm}_iters": len(history),
@@ -259,6 +269,7 @@ def run() -> dict:
             f"{arm}_len_incorrect_end": window_mean(history, "len_incorrect", first=False),
             f"{arm}_len_incorrect_excess_start": window_mean(history, "len_incorrect_excess", first=True),
             f"{arm}_len_incorrect_excess_end": window_mean(history, "len_incorrect_excess", first=False),
+            **{f"{arm}_len_incorrect_paired_{k}": v if math.isfinite(v) else None for k, v in paired.items()},
             f"{arm}_len_correct_start": window_mean(history, "len_correct", first=True),
             f"{arm}_len_correct_end": window_mean(history, "len_correct", first=False),
             f"{arm}_time_s": time.perf_counter() - arm_start,

@@ -48,6 +48,20 @@ def test_rollout_stats():
     assert stats["len_incorrect_excess"] == (2 + 2 + 2 + 1 - 3) / 5  # incorrect rows 1, 2, 3, 6, 7
 
 
+def test_paired_length_change_follows_problems_not_the_mix():
+    """Problem 0 stays wrong at length 3, problem 1's wrong answers go 2 → 4, problem 2 is wrong only early, problem 3
+    only late and long: the change is the mean over problems 0 and 1 (0 and +2), whatever the mix of the rest."""
+    problem_IB = np.array([[0, 1, 2], [0, 2, 2], [0, 1, 3], [3, 1, 3]])
+    lengths_IB = np.array([[3, 2, 9], [3, 9, 1], [3, 4, 9], [9, 4, 9]])
+    correct_IB = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]], bool)
+    out = grpo.paired_length_change(problem_IB, lengths_IB, correct_IB, window=2)
+    assert out["problems"] == 2 and out["change"] == pytest.approx(1.0)
+    assert out["se"] == pytest.approx(np.std([0.0, 2.0], ddof=1) / np.sqrt(2))
+    unpaired_only = np.isin(problem_IB, [2, 3])
+    assert grpo.paired_length_change(problem_IB, np.where(unpaired_only, 1, lengths_IB), correct_IB, 2) == out
+    assert np.isnan(grpo.paired_length_change(problem_IB, lengths_IB, correct_IB, window=1)["change"])
+
+
 def test_sample_stats_from_the_sampler_logprobs():
     """Entropy −mean log π and k3 KL over response tokens only; slots after the stop token (mask 0) are ignored."""
     batch = {"mask_BN": jnp.array([[1.0, 1.0, 0.0]]), "old_logp_BN": jnp.log(jnp.array([[0.5, 0.25, 1.0]]))}

@@ -227,6 +227,32 @@ def rollout_stats(
     }
 
 
+def paired_length_change(
+    problem_IB: np.ndarray, lengths_IB: np.ndarray, correct_IB: np.ndarray, window: int
+) -> dict[str, float]:
+    """How long wrong answers get on the same problems: per problem, the mean length of its wrong answers over the
+    last `window` iterations minus over the first `window`, averaged over the problems wrong in both windows.
+
+    The mean over all wrong answers also moves with which problems are still wrong (late in training, the hard
+    ones), so it cannot tell whether the policy itself answers longer when it is wrong; this can.
+    Returns {"change", "se" (its standard error over problems), "problems"}; NaN when fewer than 2 problems.
+    """
+    n = int(problem_IB.max()) + 1
+
+    def per_problem(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        wrong = ~correct_IB[rows].ravel()
+        ids = problem_IB[rows].ravel()[wrong]
+        return np.bincount(ids, lengths_IB[rows].ravel()[wrong], n), np.bincount(ids, minlength=n)
+
+    (sum_first, n_first), (sum_last, n_last) = per_problem(slice(0, window)), per_problem(slice(-window, None))
+    both = (n_first > 0) & (n_last > 0)
+    diff_X = sum_last[both] / n_last[both] - sum_first[both] / n_first[both]
+    if len(diff_X) < 2:
+        return {"change": float("nan"), "se": float("nan"), "problems": len(diff_X)}
+    return {"change": float(diff_X.mean()), "se": float(diff_X.std(ddof=1) / np.sqrt(len(diff_X))),
+            "problems": len(diff_X)}
+
+
 def _chunks(problems: Sequence[tasks.Problem], size: int) -> list[list[tasks.Problem]]:
     """Fixed-size chunks (the last one padded by repeating its final problem) so every call reuses one compile."""
     out = [list(problems[i: i + size]) for i in range(0, len(problems), size)]
@@ -285,7 +311,7 @@ def train(
     time_budget_s: float | None = None,
     kl_every: int = 1,
     row_bucket: int | None = None,
-    on_iter: Callable[[int, model.Params, dict[str, float]], None] | None = None,
+    on_iter: Callable[[int, model.Params, dict[str, float], dict[str, np.ndarray]], None] | None = None,
 ) -> tuple[model.Params, list[dict[str, float]]]:
     """Run `max_iters` iterations, or fewer once `token_budget` response tokens have been sampled or `time_budget_s`
     seconds have passed (checked between iterations): (params, history).
@@ -293,7 +319,8 @@ def train(
     Iteration i draws its prompts from `problems` as a pure function of (tc.seed, i). `ref_params` is needed when
     β > 0 and otherwise only used to log KL, on the first and every `kl_every`-th iteration (it costs a forward
     pass). The train step sees only the rows that carry gradient (`contributing_rows`), padded to
-    a multiple of `row_bucket` (None: no filtering). `on_iter(i, params, record)` may add entries to the record.
+    a multiple of `row_bucket` (None: no filtering). `on_iter(i, params, record, rows)` may add entries to the record;
+    rows holds each sampled row's problem index (into `problems`), length and reward.
     """
     if gc.beta > 0 and ref_params is None:
         raise UserError("beta > 0 needs the reference policy's params")
@@ -353,6 +380,7 @@ def train(
             "time_s": time.perf_counter() - start,
         }
         if on_iter is not None:
-            on_iter(it + 1, state["params"], record)
+            on_iter(it + 1, state["params"], record,
+                    {"problem_B": np.repeat(idx, gc.group_size), "lengths_B": lengths_B, "rewards_B": rewards_B})
         history.append(record)
     return state["params"], history
