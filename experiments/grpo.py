@@ -24,7 +24,7 @@ training reward (0.85 vs 0.80 over the last 30 s, seed 0); 16 prompts × 8 and 3
 second. Each prompt is run once per group, in sampling and in the train step (a KV cache its G responses attend
 to), which makes an iteration about twice as cheap as running all 256 rows in full; each train-step shape then
 costs ~6 s to compile, so --row_bucket=64 (4 shapes). The iteration count fits SFT + the GRPO arm in 5 minutes on
-2 CPU cores with about a minute to spare (211 s for seed 0).
+2 CPU cores with about a minute to spare (211–243 s for seed 0, as the VM drifts).
 
 Writes to --workdir: metrics.jsonl and tensorboard/ (per iteration, keys prefixed by arm), curves.png (held-out
 greedy accuracy and pass@1 at T=1 every --eval_every iterations, training reward and KL to the SFT policy against
