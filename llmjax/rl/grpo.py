@@ -347,10 +347,9 @@ def train(
         it_key = jax.random.fold_in(key, it)
         rollout = sample_groups(state["params"], prompt_XP[idx], lens_X[idx], it_key, cfg=cfg,
                                 group_size=gc.group_size, max_new_tokens=task.max_new_tokens, sc=sc)
-        rows = [problems[i] for i in idx for _ in range(gc.group_size)]
-        reference_lens_B = np.repeat(reference_lens_X[idx], gc.group_size)
+        problem_B = np.repeat(idx, gc.group_size)  # sample_groups' layout: G consecutive rows per prompt
         tokens_BN, lengths_B = np.asarray(rollout["tokens_BN"]), np.asarray(rollout["lengths_B"])
-        rewards_B = tasks.reward_batch(task, rows, tokens_BN)
+        rewards_B = tasks.reward_batch(task, [problems[i] for i in problem_B], tokens_BN)
         ref_logp_BN = None
         if ref_params is not None and (gc.beta > 0 or it == 0 or (it + 1) % kl_every == 0):
             ref_logp_BN = _ref_logprobs(ref_params, rollout["prompt_BP"], rollout["prompt_lens_B"],
@@ -373,14 +372,14 @@ def train(
         sampled_tokens += int(lengths_B.sum())
         record = {
             "iter": it + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            **rollout_stats(rewards_B, lengths_B, reference_lens_B, gc.group_size), "clip_frac": 0.0, "ratio": 1.0,
-            **clip,
+            **rollout_stats(rewards_B, lengths_B, reference_lens_X[problem_B], gc.group_size),
+            "clip_frac": 0.0, "ratio": 1.0, **clip,
             **{k: float(v) for k, v in sample_stats(batch, ref_logp_BN).items()},
             "sampled_tokens": sampled_tokens, "train_rows": len(train_batch["adv_B"]),
             "time_s": time.perf_counter() - start,
         }
         if on_iter is not None:
             on_iter(it + 1, state["params"], record,
-                    {"problem_B": np.repeat(idx, gc.group_size), "lengths_B": lengths_B, "rewards_B": rewards_B})
+                    {"problem_B": problem_B, "lengths_B": lengths_B, "rewards_B": rewards_B})
         history.append(record)
     return state["params"], history
