@@ -234,16 +234,18 @@ def fit_main(sweep: plan.SweepConfig) -> dict:
         raise UserError(f"no finished lr calibration in {workdir()}: run --action=run first")
     records = runner.ResultStore(os.path.join(workdir(), "results.jsonl")).load()
     specs = plan.plan_sweep(sweep, law)
-    try:
-        summary = analysis.summarize([records[s.run_hash()] for s in specs if s.run_hash() in records], sweep,
-                                    **FIT_SETTINGS[FLAGS.tier])
-    except ValueError as e:
-        raise UserError(f"{e}: let --action=run finish more of the sweep in {workdir()}") from None
+    recorded = [records[s.run_hash()] for s in specs if s.run_hash() in records]
+    if not any(r["status"] == "ok" for r in recorded):
+        raise UserError(f"no finished sweep runs in {workdir()}: run --action=run first")
+    summary = analysis.summarize(recorded, sweep, **FIT_SETTINGS[FLAGS.tier])
     summary.update(tier=FLAGS.tier, lr_law=dataclasses.asdict(law),
                    wall_time_s=sum(r["run_wall_s"] for r in records.values()))
-    missing = sum(s.run_hash() not in records for s in specs)
+    missing = len(specs) - len(recorded)
     if missing:
-        console(f"warning: {missing} of {len(specs)} sweep runs are not recorded yet; fitting what there is")
+        console(f"warning: {missing} of {len(specs)} sweep runs are not recorded yet; fitting what there is "
+                f"(--action=run finishes them)")
+    for where, why in summary["degenerate"].items():
+        console(f"warning: degenerate fit {where}: {why}")
     _write_json(os.path.join(workdir(), "summary.json"), summary)
     console(json.dumps({k: summary[k] for k in ("interior_minima", "a_approach2", "a_approach2_nonembedding",
                                                  "a_loo_spread", "holdout_loss_rel_err", "holdout_nstar_ratio")}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 
 from llmjax import model
 from llmjax.config import ModelConfig, from_preset
-from llmjax.scaling import accounting, analysis, fits, plan, runner
+from llmjax.scaling import accounting, analysis, fits, plan, plots, runner
 
 # Hoffmann et al. 2022's fitted surface (their eq. 10).
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -330,3 +331,76 @@ def test_parallel_appends_keep_every_record(tmp_path) -> None:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: store.append({"hash": str(i), "status": "ok"}), range(40)))
     assert sorted(store.load(), key=int) == [str(i) for i in range(40)]
+
+
+# ------------------------------------------------------------------------------------------------ degenerate data
+
+
+def sweep_records(loss_of: Callable[[float, float], float], budgets: tuple[float, ...] = CPU_LIKE.budgets) -> tuple:
+    """Finished records of the CPU_LIKE sweep (restricted to `budgets`) whose losses come from `loss_of(N, D)`."""
+    sweep = dataclasses.replace(CPU_LIKE, budgets=budgets, eval_fractions=(0.5, 1.0)).validate()
+    records = []
+    for spec in plan.plan_sweep(sweep, plan.prior_lr_law(sweep)):
+        counts = accounting.param_counts(spec.model_config())
+        curve = [{"step": s, "fraction": s / spec.steps, "train_loss": 0.0,
+                  "val_loss": loss_of(counts.total, spec.tokens * s / spec.steps)} for s in spec.eval_steps()]
+        records.append({"spec": dataclasses.asdict(spec), "status": "ok", "final_loss": curve[-1]["val_loss"],
+                        "curve": curve, "tokens": spec.tokens, "n_total": counts.total,
+                        "n_non_embedding": counts.non_embedding, "run_wall_s": 1.0,
+                        "flops": {c: spec.flops(c) for c in accounting.CONVENTIONS}})
+    return records, sweep
+
+
+def test_summarize_marks_monotone_isoflop_curves_degenerate() -> None:
+    """Loss falls with N at every budget (a data-starved surface turned around): no budget has a minimum."""
+    records, sweep = sweep_records(lambda n, d: 2.0 + 50.0 / n**0.5)
+    summary = analysis.summarize(records, sweep, grid=SMALL_GRID, n_boot=4)
+    a2 = summary["approaches"]["chinchilla"]["approach2"]
+    assert "no interior minimum" in a2["degenerate"]
+    assert all(b["degenerate"] for b in a2["budgets"].values())
+    assert summary["degenerate"]["chinchilla/approach2"] == a2["degenerate"]
+    assert summary["interior_minima"] == 0 and not summary["criteria"]["interior_minima"]
+
+
+def test_approach3_keeps_a_vanishing_irreducible_loss_as_fitted() -> None:
+    """A pure power law in N and D has E = 0: log E runs off to −∞ and exp underflows, yet the fit, its optimum,
+    the bootstrap (restarted from θ) and the summary all return, with E marked degenerate."""
+    runs = isoflop_runs()
+    loss = A / runs.n**ALPHA + B / runs.d**BETA
+    fit = fits.approach3(runs.n, runs.d, loss, init=np.array([-800.0, math.log(A), math.log(B), ALPHA, BETA]))
+    assert fit.E == 0.0 and math.isfinite(fit.theta[0])
+    assert "E ran off to 0" in fit.degenerate
+    n_opt, d_opt = fit.optimal(1e20)
+    assert n_opt * d_opt == pytest.approx(1e20 / 6)
+    ci = fits.bootstrap_approach3(runs.n, runs.d, loss, fit, n_boot=3)
+    assert ci["alpha"][0] == pytest.approx(ALPHA, rel=1e-3)
+
+    records, sweep = sweep_records(lambda n, d: 40.0 / n**0.3 + 40.0 / d**0.3)
+    summary = analysis.summarize(records, sweep, grid=SMALL_GRID, n_boot=4)
+    for conv in analysis.APPROACH3_CONVENTIONS:
+        a3 = summary["approaches"][conv]["approach3"]
+        assert "E ran off to 0" in a3["degenerate"] and a3["log_EAB"][0] < math.log(1e-6)
+        reported = summary["degenerate"][f"{conv}/approach3"]
+        assert reported == a3["degenerate"] == summary["approach3"][conv]["degenerate"]
+
+
+def test_two_budgets_and_too_few_runs_are_degenerate_not_errors() -> None:
+    records, sweep = sweep_records(lambda n, d: float(surface(n * 1e4, d * 1e3)), budgets=CPU_LIKE.budgets[:2])
+    summary = analysis.summarize(records, sweep, grid=SMALL_GRID, n_boot=4)
+    assert summary["holdout_nstar_ratio"] is None and summary["a_loo_spread"] is None
+    assert summary["approaches"]["chinchilla"]["approach2"]["degenerate"] is None  # two budgets make a law
+    one = analysis.summarize(records[:6], sweep, grid=SMALL_GRID, n_boot=4)
+    assert "1 budget(s)" in one["degenerate"]["chinchilla/approach2"] and one["a_approach2"] is None
+    none = analysis.summarize(records[:2], sweep, grid=SMALL_GRID, n_boot=4)
+    assert "0 runs for 5 parameters" in none["degenerate"]["chinchilla/approach3"]
+    assert "fewer than two sizes" in none["degenerate"]["chinchilla/approach1"]
+    assert "0 budget(s)" in none["degenerate"]["kaplan/approach2"]
+
+
+def test_report_and_plots_list_degenerate_fits(tmp_path) -> None:
+    records, sweep = sweep_records(lambda n, d: 2.0 + 50.0 / n**0.5)
+    summary = {**analysis.summarize(records, sweep, grid=SMALL_GRID, n_boot=4), "wall_time_s": 1.0}
+    report = analysis.report_markdown(summary, records, "test")
+    assert "## Degenerate fits" in report and "no interior minimum" in report
+    paths = plots.write_all(str(tmp_path), summary, records)
+    assert str(tmp_path / "isoflop.png") in paths and str(tmp_path / "optimal_scaling.png") not in paths

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STABLE_KEYS = ("interior_minima", "a_approach2", "a_approach2_nonembedding", "a_loo_spread", "holdout_loss_rel_err",
-               "holdout_nstar_ratio", "approach3", "budgets", "wall_time_s")
+               "holdout_nstar_ratio", "approach3", "budgets", "criteria", "degenerate", "approaches", "wall_time_s")
 
 
 def smoke(workdir: Path) -> subprocess.Popen:
@@ -38,12 +38,19 @@ def test_smoke_tier_end_to_end_and_kill_resume(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     elapsed = time.perf_counter() - start
     summary = json.loads((whole / "summary.json").read_text())
+    # Only what holds on any machine: the fitted values depend on the last bits of the losses (three sizes per
+    # budget can leave a fit degenerate on one CPU and not on another), so they are checked for shape, not value.
     assert all(k in summary for k in STABLE_KEYS)
     assert set(summary["budgets"]) == {"1e+09", "3e+09", "1e+10"}
-    assert all(b["n_star"] > 0 and b["l_star"] > 0 for b in summary["budgets"].values())
     assert summary["n_failed"] == 0 and summary["n_runs"] == 9
-    for name in ("report.md", "isoflop.png", "optimal_scaling.png", "frontier.png", "approach3.png"):
-        assert (whole / name).stat().st_size > 0
+    assert sum(r["spec"]["kind"] == "sweep" and r["status"] == "ok" for r in records(whole).values()) == 9
+    for where, why in summary["degenerate"].items():
+        assert f"warning: degenerate fit {where}: {why}" in out
+    a2_ok = not summary["approaches"]["chinchilla"]["approach2"]["degenerate"]
+    a3_ok = not summary["approaches"]["chinchilla"]["approach3"]["degenerate"]
+    expected = {"report.md": True, "isoflop.png": True, "optimal_scaling.png": a2_ok, "frontier.png": a2_ok,
+                "approach3.png": a3_ok}
+    assert {name: (whole / name).exists() for name in expected} == expected
     print(f"smoke tier: {elapsed:.0f}s wall")
 
     # Kill a second sweep (SIGKILL, no cleanup) once a few runs are recorded, then rerun it to completion.

@@ -48,8 +48,9 @@ def curve_points(records: list[Record], convention: str) -> tuple[np.ndarray, ..
 def _approach2_summary(runs: fits.Runs, n_boot: int, irreducible: float, irreducible_heldout: float) -> dict[str, Any]:
     """`irreducible`: approach 3's E on these runs; `irreducible_heldout`: on all but the largest budget's runs."""
     fit = fits.approach2(runs, irreducible)
-    loo = fits.leave_one_budget_out(runs)
+    loo = [a for a in fits.leave_one_budget_out(runs) if math.isfinite(a)]
     out: dict[str, Any] = {
+        "degenerate": fit.degenerate,
         "a": fit.n_star.exponent, "b": fit.d_star.exponent, "l_exponent": fit.l_star.exponent,
         "n_star_coef": fit.n_star.coef, "d_star_coef": fit.d_star.coef, "l_star_coef": fit.l_star.coef,
         "l_star_irreducible": fit.l_star.irreducible,
@@ -59,13 +60,23 @@ def _approach2_summary(runs: fits.Runs, n_boot: int, irreducible: float, irreduc
             budget_key(f.group): {
                 "n_star": f.n_star, "d_star": f.d_star, "c_star": f.c_star, "l_star": f.l_star,
                 "tokens_per_param": f.d_star / f.n_star, "interior": f.interior, "left": f.left, "right": f.right,
-                "coeffs": list(f.coeffs),
+                "coeffs": list(f.coeffs), "degenerate": _vertex_degenerate(f),
             }
             for f in fit.fits
         },
     }
     out["holdout"] = fits.holdout(runs, irreducible_heldout) if len(np.unique(runs.group)) >= 3 else None
     return out
+
+
+def _vertex_degenerate(f: fits.IsoFlopFit) -> str | None:
+    if f.coeffs[0] <= 0:
+        return "no interior minimum: the IsoFLOP curve is not convex, N* is the best run"
+    if not f.bracketed:
+        return f"vertex outside the sizes run ({f.left} runs below it, {f.right} above): extrapolated"
+    if not f.interior:
+        return f"vertex at the edge of the sizes run ({f.left} below it, {f.right} above; needs 2 each side)"
+    return None
 
 
 def _approach3_fits(runs: fits.Runs, grid: dict | None) -> tuple[fits.Approach3, fits.Approach3 | None]:
@@ -81,8 +92,8 @@ def _approach3_fits(runs: fits.Runs, grid: dict | None) -> tuple[fits.Approach3,
 def _approach3_summary(runs: fits.Runs, fit: fits.Approach3, held: fits.Approach3 | None,
                        n_boot: int) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta,
-        "a": fit.beta / (fit.alpha + fit.beta), "b": fit.alpha / (fit.alpha + fit.beta),
+        "E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta, "log_EAB": list(fit.theta[:3]),
+        "a": fit.a, "b": 1.0 - fit.a, "degenerate": fit.degenerate,
         "n_starts": fit.n_starts, "n_converged": fit.n_converged, "n_at_best": fit.n_at_best,
         "ci90": fits.bootstrap_approach3(runs.n, runs.d, runs.loss, fit, n_boot=n_boot),
     }
@@ -115,7 +126,7 @@ def summarize(records: list[Record], sweep: SweepConfig, grid: dict | None = Non
         a1 = fits.approach1(c, n, d, loss)
         a3_all, a3_held = a3_fits[convention]
         approaches[convention] = {
-            "approach1": {"a": a1.n_star.exponent if a1.n_star else math.nan,
+            "approach1": {"degenerate": a1.degenerate, "a": a1.n_star.exponent if a1.n_star else math.nan,
                           "b": a1.d_star.exponent if a1.d_star else math.nan,
                           "envelope": [[float(x) for x in p] for p in zip(a1.c, a1.n, a1.d, a1.loss, strict=True)]},
             "approach2": _approach2_summary(runs, n_boot, a3_all.E, a3_held.E if a3_held else math.nan),
@@ -141,7 +152,8 @@ def summarize(records: list[Record], sweep: SweepConfig, grid: dict | None = Non
         "holdout_nstar_within_1.5x": bool(holdout["nstar_ratio"] <= 1.5),
     }
     a3 = {conv: {k: approaches[conv]["approach3"][k] for k in
-                 ("E", "A", "B", "alpha", "beta", "a", "n_starts", "n_converged", "n_at_best", "heldout_loss_rel_err")}
+                 ("E", "A", "B", "alpha", "beta", "a", "n_starts", "n_converged", "n_at_best", "heldout_loss_rel_err",
+                  "degenerate")}
           for conv in APPROACH3_CONVENTIONS}
     return _json_ready({
         "interior_minima": interior,
@@ -153,10 +165,24 @@ def summarize(records: list[Record], sweep: SweepConfig, grid: dict | None = Non
         "approach3": a3,
         "budgets": budgets,
         "criteria": criteria,
+        "degenerate": degeneracies(approaches),
         "approaches": approaches,
         "n_runs": sum(r["spec"]["kind"] == "sweep" for r in records),
         "n_failed": sum(r["status"] != "ok" for r in records),
     })
+
+
+def degeneracies(approaches: dict[str, Any]) -> dict[str, str]:
+    """Every degenerate fit, keyed `convention/approach` (or `convention/approach2/budget`), with the reason."""
+    out = {}
+    for conv, by_approach in approaches.items():
+        for name, fit in by_approach.items():
+            if fit["degenerate"]:
+                out[f"{conv}/{name}"] = fit["degenerate"]
+        for budget, vertex in by_approach["approach2"]["budgets"].items():
+            if vertex["degenerate"]:
+                out[f"{conv}/approach2/{budget}"] = vertex["degenerate"]
+    return out
 
 
 def _json_ready(obj: Any) -> Any:
@@ -186,6 +212,9 @@ def report_markdown(summary: dict, records: list[Record], tier: str) -> str:
              f"{summary['wall_time_s'] / 60:.1f} min.", "", "## Acceptance criteria", "",
              "| criterion | pass |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else 'no'} |" for k, v in summary["criteria"].items()]
+    if summary["degenerate"]:
+        lines += ["", "## Degenerate fits (their numbers below are not scaling laws)", ""]
+        lines += [f"- `{where}`: {why}" for where, why in summary["degenerate"].items()]
     lines += ["", f"- interior minima: {summary['interior_minima']}",
               f"- a (approach 2, total params): {_f(summary['a_approach2'])}; non-embedding: "
               f"{_f(summary['a_approach2_nonembedding'])}; leave-one-budget-out spread {_f(summary['a_loo_spread'])}",

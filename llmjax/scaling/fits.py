@@ -48,7 +48,13 @@ class PowerLaw:
         return self.coef * np.asarray(x) ** self.exponent
 
 
+NAN_LAW = PowerLaw(coef=math.nan, exponent=math.nan)
+
+
 def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
+    """NaN coefficients if some y is not positive (no power law passes through it)."""
+    if not np.all(y > 0):
+        return NAN_LAW
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
     return PowerLaw(coef=float(np.exp(intercept)), exponent=float(slope))
 
@@ -99,6 +105,11 @@ class IsoFlopFit:
     right: int
     interior: bool  # positive curvature and at least two runs on each side of the vertex
 
+    @property
+    def bracketed(self) -> bool:
+        """Positive curvature and a vertex among the sizes run: a minimum seen, not extrapolated."""
+        return self.coeffs[0] > 0 and self.left >= 1 and self.right >= 1
+
 
 def fit_isoflop(runs: Runs, group: float) -> IsoFlopFit:
     """The vertex of the parabola through one budget's runs; D* and C* interpolated log-linearly in log N there.
@@ -131,17 +142,32 @@ class Approach2:
     d_star: PowerLaw  # D*(C)
     l_star: LossFrontier  # L*(C)
 
+    @property
+    def degenerate(self) -> str | None:
+        """Why these power laws say nothing about scaling (None: they do)."""
+        if len(self.fits) < 2:
+            return f"{len(self.fits)} budget(s) with three or more finished runs; power laws need two"
+        outside = [f"{f.group:.0e}" for f in self.fits if not f.bracketed]
+        if len(self.fits) - len(outside) < 2:
+            return f"no interior minimum (no convex IsoFLOP curve with runs on both sides of its vertex) at " \
+                   f"budgets {', '.join(outside)}"
+        if not all(math.isfinite(x) for x in (self.n_star.exponent, self.d_star.exponent, self.l_star.exponent)):
+            return "a vertex with L* at or below zero: no power law through the vertices"
+        return None
+
+
 
 def approach2(runs: Runs, irreducible: float = 0.0) -> Approach2:
     """Parabola per budget, then power laws of the vertices against the compute at the vertex; L*(C) above the
     irreducible loss `irreducible` (E of approach 3 on the same runs; 0: a plain power law).
 
-    Budgets with fewer than three finished runs (no parabola) are left out.
+    Budgets with fewer than three finished runs (no parabola) are left out; with fewer than two budgets left the
+    laws are NaN and the fit says so in `degenerate`.
     """
     groups, counts = np.unique(runs.group, return_counts=True)
     fits = tuple(fit_isoflop(runs, g) for g in groups[counts >= 3])
     if len(fits) < 2:
-        raise ValueError("approach 2 needs at least two budgets with three or more finished runs")
+        return Approach2(fits=fits, n_star=NAN_LAW, d_star=NAN_LAW, l_star=LossFrontier(math.nan, NAN_LAW))
     c = np.array([f.c_star for f in fits])
     return Approach2(
         fits=fits,
@@ -185,7 +211,7 @@ def bootstrap_approach2(runs: Runs, n_boot: int = 200, seed: int = 0, level: flo
     groups = np.unique(runs.group)
     index = [np.flatnonzero(runs.group == g) for g in groups]
     samples: dict[str, list[float]] = {"a": [], "b": [], "l": []}
-    for _ in range(n_boot):
+    for _ in range(n_boot if len(groups) >= 2 else 0):
         picks = [rng.choice(ix, size=len(ix), replace=True) for ix in index]
         if any(len(np.unique(runs.n[p])) < 3 for p in picks):
             continue
@@ -213,6 +239,14 @@ class Approach1:
     n_star: PowerLaw | None
     d_star: PowerLaw | None
 
+    @property
+    def degenerate(self) -> str | None:
+        if not len(self.c):
+            return "no loss curves"
+        if self.n_star is None:
+            return "fewer than two sizes between the smallest and largest win the envelope"
+        return None
+
 
 def approach1(c: np.ndarray, n: np.ndarray, d: np.ndarray, loss: np.ndarray, n_bins: int = 12) -> Approach1:
     """The lowest loss in each of `n_bins` log-spaced FLOP bins, over every point of every run's loss curve.
@@ -220,6 +254,8 @@ def approach1(c: np.ndarray, n: np.ndarray, d: np.ndarray, loss: np.ndarray, n_b
     Envelope points won by the smallest or largest model of the sweep are dropped from the power-law fit: there the
     envelope is pinned by the edge of the size grid, not by an optimum.
     """
+    if not len(c):
+        return Approach1(c=c, n=n, d=d, loss=loss, n_star=None, d_star=None)
     edges = np.linspace(np.log(c.min()), np.log(c.max()) + 1e-9, n_bins + 1)
     bins = np.digitize(np.log(c), edges) - 1
     best = [np.flatnonzero(bins == b)[np.argmin(loss[bins == b])] for b in range(n_bins) if np.any(bins == b)]
@@ -236,31 +272,84 @@ def approach1(c: np.ndarray, n: np.ndarray, d: np.ndarray, loss: np.ndarray, n_b
 # ---------------------------------------------------------------------------------------------------- approach 3
 
 
+N_PARAMS = 5  # θ = (log E, log A, log B, α, β)
+
+
 @dataclass(frozen=True)
 class Approach3:
-    """L(N, D) = E + A/N^α + B/D^β and how the multi-start L-BFGS went."""
+    """L(N, D) = E + A/N^α + B/D^β and how the multi-start L-BFGS went.
 
-    E: float
-    A: float
-    B: float
-    alpha: float
-    beta: float
+    The fit is kept as the optimizer left it, in θ = (log E, log A, log B, α, β): a log-parameter that ran off to
+    −1000 is a finite θ whose exp is 0.0, and the bootstrap restarts from θ, not from log(exp(θ)).
+    """
+
+    theta: tuple[float, float, float, float, float]
     objective: float
     n_starts: int
     n_converged: int  # starts whose L-BFGS reported convergence
     n_at_best: int  # converged starts that reached the best objective (within 1e-6 relative)
+    n_runs: int
+
+    @property
+    def E(self) -> float:
+        return float(np.exp(self.theta[0]))
+
+    @property
+    def A(self) -> float:
+        return float(np.exp(self.theta[1]))
+
+    @property
+    def B(self) -> float:
+        return float(np.exp(self.theta[2]))
+
+    @property
+    def alpha(self) -> float:
+        return self.theta[3]
+
+    @property
+    def beta(self) -> float:
+        return self.theta[4]
+
+    @property
+    def a(self) -> float:
+        """The exponent of N_opt(C) = β/(α+β); NaN without positive exponents."""
+        return self.beta / (self.alpha + self.beta) if self.alpha > 0 and self.beta > 0 else math.nan
+
+    @property
+    def degenerate(self) -> str | None:
+        """Why this fit is not a scaling law of the assumed form (None: it is)."""
+        if self.n_runs < N_PARAMS:
+            return f"{self.n_runs} runs for {N_PARAMS} parameters"
+        if not self.n_converged:
+            return f"none of {self.n_starts} L-BFGS starts converged"
+        # Losses are O(1) nats: an E below 1e-6 nats is E → 0 (no irreducible loss resolved); an A or B beyond
+        # e^±69 = 1e±30 is not bounded by the data (its term is zero or the optimizer diverged).
+        for name, log_value, low, high in (("E", self.theta[0], math.log(1e-6), 69.0),
+                                           ("A", self.theta[1], -69.0, 69.0), ("B", self.theta[2], -69.0, 69.0)):
+            if not low < log_value < high:
+                return f"{name} ran off to {'0' if log_value <= low else '∞'} (log {name} = {log_value:.3g})"
+        if not (self.alpha > 1e-6 and self.beta > 1e-6):
+            return f"an exponent at or below zero (α = {self.alpha:.3g}, β = {self.beta:.3g}): loss does not fall " \
+                   "with scale"
+        return None
 
     def loss(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
-        return self.E + self.A / np.asarray(n) ** self.alpha + self.B / np.asarray(d) ** self.beta
+        with np.errstate(over="ignore"):
+            return self.E + self.A / np.asarray(n) ** self.alpha + self.B / np.asarray(d) ** self.beta
 
     def optimal(self, c: float | np.ndarray, flops_per_param_token: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
-        """Closed-form (N_opt, D_opt) at compute C = k·N·D (k = 6); NaN if an exponent is not positive."""
-        if self.alpha <= 0 or self.beta <= 0:
+        """Closed-form (N_opt, D_opt) at compute C = k·N·D (k = 6); NaN if an exponent is not positive.
+
+        Computed from θ in log space, so an A or B that underflowed to 0 still gives the optimum θ implies.
+        """
+        if not (self.alpha > 0 and self.beta > 0):
             nan = np.full(np.shape(c), np.nan)
             return nan, nan
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        s = np.asarray(c) / flops_per_param_token
-        return g * s ** (self.beta / (self.alpha + self.beta)), s ** (self.alpha / (self.alpha + self.beta)) / g
+        _, log_a, log_b, alpha, beta = self.theta
+        log_g = (math.log(alpha) + log_a - math.log(beta) - log_b) / (alpha + beta)
+        log_s = np.log(np.asarray(c, float) / flops_per_param_token)
+        with np.errstate(over="ignore"):
+            return np.exp(log_g + log_s * beta / (alpha + beta)), np.exp(log_s * alpha / (alpha + beta) - log_g)
 
 
 DEFAULT_GRID = {
@@ -367,37 +456,41 @@ def lbfgs_batched(fun: Callable, x_SP: np.ndarray, memory: int = 10, max_iter: i
 
 def approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, grid: dict | None = None, delta: float = 1e-3,
               init: np.ndarray | None = None) -> Approach3:
-    """Fit from every start of `grid` (or from `init` alone) and keep the lowest objective (Hoffmann et al. §D.2)."""
+    """Fit from every start of `grid` (or from `init` alone) and keep the lowest objective (Hoffmann et al. §D.2).
+
+    With fewer runs than parameters nothing is fitted: θ is NaN and `degenerate` says why.
+    """
     grid = grid or DEFAULT_GRID
     starts = np.array([init] if init is not None else list(itertools.product(*grid.values())), float)
+    if len(n) < N_PARAMS:
+        return Approach3(theta=(math.nan,) * N_PARAMS, objective=math.nan, n_starts=len(starts), n_converged=0,
+                         n_at_best=0, n_runs=len(n))
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
     x, f, converged = lbfgs_batched(lambda th: _huber_objective(th, log_n, log_d, log_l, delta), starts)
-    best = int(np.nanargmin(f))
+    best = int(np.argmin(f))
     at_best = converged & (f <= f[best] * (1 + 1e-6) + 1e-14)
-    e, a, b, alpha, beta = x[best]
     return Approach3(
-        E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-        objective=float(f[best]), n_starts=len(starts), n_converged=int(converged.sum()), n_at_best=int(at_best.sum()),
+        theta=tuple(float(v) for v in x[best]), objective=float(f[best]), n_starts=len(starts),
+        n_converged=int(converged.sum()), n_at_best=int(at_best.sum()), n_runs=len(n),
     )
-
-
-def approach3_params(fit: Approach3) -> np.ndarray:
-    """The fit as an L-BFGS start vector θ = (log E, log A, log B, α, β)."""
-    return np.array([math.log(fit.E), math.log(fit.A), math.log(fit.B), fit.alpha, fit.beta])
 
 
 def bootstrap_approach3(n: np.ndarray, d: np.ndarray, loss: np.ndarray, fit: Approach3, n_boot: int = 100,
                         seed: int = 0, level: float = 0.9) -> dict[str, list[float]]:
-    """Percentile intervals of (E, A, B, α, β, a = β/(α+β)), resampling runs, each refit started from `fit`."""
+    """Percentile intervals of (E, A, B, α, β, a = β/(α+β)), resampling runs, each refit started from `fit`'s θ.
+
+    Resamples whose refit gives a non-finite value are left out of that value's interval.
+    """
     rng = np.random.default_rng(seed)
     keys = ("E", "A", "B", "alpha", "beta", "a")
     samples: dict[str, list[float]] = {k: [] for k in keys}
-    start = approach3_params(fit)
-    for _ in range(n_boot):
-        i = rng.integers(0, len(n), len(n))
-        f = approach3(n[i], d[i], loss[i], init=start)
-        for k in keys[:-1]:
-            samples[k].append(getattr(f, k))
-        samples["a"].append(f.beta / (f.alpha + f.beta))
+    if fit.n_runs >= N_PARAMS and all(math.isfinite(v) for v in fit.theta):
+        for _ in range(n_boot):
+            i = rng.integers(0, len(n), len(n))
+            f = approach3(n[i], d[i], loss[i], init=np.array(fit.theta))
+            for k in keys:
+                samples[k].append(getattr(f, k))
     lo, hi = 50 * (1 - level), 50 * (1 + level)
-    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in samples.items()}
+    finite = {k: [x for x in v if math.isfinite(x)] for k, v in samples.items()}
+    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else [math.nan, math.nan]
+            for k, v in finite.items()}

@@ -18,16 +18,18 @@ Record = dict[str, Any]
 
 
 def write_all(workdir: str, summary: dict, records: list[Record]) -> list[str]:
-    """Write the four figures into `workdir`; returns their paths."""
+    """Write the figures into `workdir`; returns their paths. A figure of a degenerate fit is not drawn (its line
+    would be NaN or meaningless): report.md lists the reason."""
     conv = summary["approaches"]["chinchilla"]
-    paths = [
-        _isoflop(os.path.join(workdir, "isoflop.png"), conv["approach2"], records),
-        _optimal(os.path.join(workdir, "optimal_scaling.png"), conv["approach2"]),
-        _frontier(os.path.join(workdir, "frontier.png"), conv, records),
-    ]
-    a3 = conv["approach3"]
-    if all(a3[k] is not None and a3[k] > 0 for k in ("A", "B", "alpha", "beta")):  # else no optimum to draw
-        paths.append(_approach3(os.path.join(workdir, "approach3.png"), a3, conv["approach2"]))
+    a2, a3 = conv["approach2"], conv["approach3"]
+    paths = []
+    if a2["budgets"]:
+        paths.append(_isoflop(os.path.join(workdir, "isoflop.png"), a2, records))
+    if not a2["degenerate"]:
+        paths.append(_optimal(os.path.join(workdir, "optimal_scaling.png"), a2))
+        paths.append(_frontier(os.path.join(workdir, "frontier.png"), conv, records))
+    if not a3["degenerate"] and a2["budgets"]:
+        paths.append(_approach3(os.path.join(workdir, "approach3.png"), a3, a2))
     plt.close("all")
     return paths
 
@@ -109,7 +111,8 @@ def _approach3(path: str, a3: dict, a2: dict) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cs = ax.contour(C, N, loss, levels=15, cmap="viridis")
     ax.clabel(cs, fontsize=7)
-    g = (a3["alpha"] * a3["A"] / (a3["beta"] * a3["B"])) ** (1 / (a3["alpha"] + a3["beta"]))
+    _, log_a, log_b = a3["log_EAB"]
+    g = np.exp((np.log(a3["alpha"]) + log_a - np.log(a3["beta"]) - log_b) / (a3["alpha"] + a3["beta"]))
     ax.plot(c_grid, g * (c_grid / 6) ** a3["a"], "r-", label=f"approach 3 optimum, a={a3['a']:.3f}")
     ax.plot([b["c_star"] for _, b in budgets], [b["n_star"] for _, b in budgets], "k*", markersize=12,
             label="approach 2 N*")
