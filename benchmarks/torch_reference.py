@@ -10,7 +10,7 @@ A VM's speed drifts by tens of percent over a day, so compare against `train_thr
 With --data it trains `max_iters` steps on llmjax's own batches (same crops, same schedule) and evaluates on the
 same fixed batches as `experiments/gpt.py`, so its val loss is directly comparable with that run's summary.json:
 
-    python benchmarks/torch_reference.py --data=text:../shared/data/tinyshakespeare.txt --seed=1
+    python benchmarks/torch_reference.py --data=tinyshakespeare --seed=1
 
 Prints `ms_per_iter <value>` (the mean over the timed steps, as `train_throughput.py`) and `tokens_per_sec`.
 """

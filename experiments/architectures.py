@@ -88,7 +88,7 @@ flags.DEFINE_float(
     "moe_capacity_factor", ModelConfig.capacity_factor, "the moe arm's expert capacity (slots per routed token share)"
 )
 flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha: the update is (alpha / rank)·A·B")
-flags.DEFINE_string("data", "text:../shared/data/tinyshakespeare.txt", "pretraining corpus (text:PATH | pystdlib)")
+flags.DEFINE_string("data", "tinyshakespeare", "pretraining corpus (tinyshakespeare | text:PATH | pystdlib | hf:NAME)")
 flags.DEFINE_string("finetune_data", "pystdlib", "fine-tuning corpus of the LoRA comparison")
 flags.DEFINE_string("data_cache", None, "token cache root (default ~/.cache/llmjax/data)")
 flags.DEFINE_integer("workers", 1, "train the seeds in this many processes (one XLA thread each), then summarize")

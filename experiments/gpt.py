@@ -1,7 +1,7 @@
 """GPT pretraining (Radford et al. 2019, as reproduced by nanoGPT): train a decoder-only transformer, then sample.
 
     python -m experiments.gpt                          # char-level GPT on the embedded Python-stdlib corpus
-    python -m experiments.gpt --preset=shakespeare_char_cpu --data=text:../shared/data/tinyshakespeare.txt
+    python -m experiments.gpt --preset=shakespeare_char_cpu --data=tinyshakespeare
     python -m experiments.gpt --mode=sample --workdir=runs/gpt
     python -m experiments.gpt --preset=llama_small --n_layer=6 --learning_rate=3e-4   # any config field is a flag
     python -m experiments.gpt --preset=gpt2-xl --mesh=fsdp:8 --compile_only   # per-device memory, nothing allocated

@@ -3,7 +3,7 @@ ground truth is known, so reward hacking can be measured.
 
     python -m experiments.rlhf_ppo                         # markov world: pretrain → label pairs → RM → PPO arms
     python -m experiments.rlhf_ppo --seeds=0,1,2           # the acceptance run (stable keys: means over seeds)
-    python -m experiments.rlhf_ppo --task=lexicon --data=text:../shared/data/tinyshakespeare.txt
+    python -m experiments.rlhf_ppo --task=lexicon --data=tinyshakespeare
     python -m experiments.rlhf_ppo --smoke                 # CI smoke test (< 1 min); numbers are meaningless
 
 The world (`llmjax/rl/world.py`): a known sparse Markov chain over 22 words writes the text, so its exact
@@ -49,7 +49,7 @@ from llmjax.rl import pipeline, ppo, world
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", "markov", ["markov", "lexicon"], "world: synthetic Markov chain, or words of a corpus")
-flags.DEFINE_string("data", "text:../shared/data/tinyshakespeare.txt", "--task=lexicon: the corpus")
+flags.DEFINE_string("data", "tinyshakespeare", "--task=lexicon: the corpus")
 flags.DEFINE_string("workdir", "runs/rlhf_ppo", "outputs; shared stages are cached in workdir/shared")
 flags.DEFINE_list("seeds", ["0"], "run seeds (model init, samples, labels, PPO); the world is fixed by --world_seed")
 flags.DEFINE_integer("world_seed", 0, "the chain and the word roles")

@@ -11,6 +11,8 @@ Three schemes, all resolved here so that `data.py` only ever sees a `Corpus`:
   with newlines. The dataset's `validation` split is used if it has one, else `data.py` carves 90/10 from `train`.
 * `pystdlib` -- the default, network-free corpus: this interpreter's own standard-library `.py` sources (see
   `pystdlib_files`).
+* a named corpus (`tinyshakespeare`, see `NAMED`) -- downloaded once into `~/.cache/llmjax/corpora/` and checked
+  against its SHA-256; offline, put the file there yourself.
 
 A `Corpus` streams chunks instead of holding one giant string, so a corpus never has to fit in memory twice; its
 `fingerprint` is cheap (file names, sizes, mtimes -- no reads) so a cache hit costs no tokenization and no network.
@@ -30,7 +32,7 @@ from typing import Any
 
 from llmjax.errors import UserError
 
-SOURCE_HELP = "use --data=text:PATH, --data=hf:NAME[:CONFIG] or --data=pystdlib"
+SOURCE_HELP = "use --data=text:PATH, --data=hf:NAME[:CONFIG], --data=pystdlib or --data=tinyshakespeare"
 
 # Text files are read in chunks of this many characters so a huge file never sits in memory whole.
 READ_CHUNK_CHARS = 1 << 24
@@ -92,9 +94,11 @@ class Corpus:
 
 
 def resolve_source(source: str, *, text_field: str = "text") -> Corpus:
-    """Parse a source string and check it exists (no corpus text is read yet)."""
+    """Parse a source string and check it exists (no corpus text is read yet; a named corpus may be downloaded)."""
     if source == "pystdlib":
         return _pystdlib_corpus()
+    if source in NAMED:
+        return _text_corpus(str(fetch_named(source)))
     scheme, sep, rest = source.partition(":")
     if sep and scheme == "text":
         return _text_corpus(rest)
@@ -110,6 +114,59 @@ def normalize_source(source: str) -> str:
     if sep and scheme == "text":
         return f"text:{Path(rest).expanduser().resolve()}"
     return source
+
+
+# ------------------------------------------------------------------------------------------------ named corpora
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedCorpus:
+    url: str
+    sha256: str
+    filename: str
+
+
+NAMED = {
+    # Karpathy's char-rnn tiny-shakespeare (nanoGPT's shakespeare_char): 1,115,394 bytes.
+    "tinyshakespeare": NamedCorpus(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        filename="tinyshakespeare.txt",
+    ),
+}
+
+
+def named_cache_root() -> Path:
+    return Path("~/.cache/llmjax/corpora").expanduser()
+
+
+def fetch_named(name: str, root: Path | None = None) -> Path:
+    """The local path of corpus `name`, downloaded and checksummed on first use (atomically: a failed download
+    leaves nothing behind)."""
+    spec = NAMED[name]
+    path = (root or named_cache_root()) / spec.filename
+    if not path.exists():
+        _download(spec.url, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != spec.sha256:
+        raise UserError(f"{path} has SHA-256 {digest[:12]}…, not {name}'s {spec.sha256[:12]}…: delete it to "
+                        f"download again, or put the file from {spec.url} there")
+    return path
+
+
+def _download(url: str, path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            out.write(response.read())
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not download {url} ({e}): offline, save that file as {path}") from None
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------- text:

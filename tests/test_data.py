@@ -289,3 +289,45 @@ def test_device_batch_jit_scan_and_determinism():
 def test_cache_files_are_world_readable(text_file, cache):
     ds = prepare_data(f"text:{text_file}", "char", cache_dir=cache)
     assert os.stat(ds.cache_dir).st_mode & 0o755 == 0o755
+
+
+# ------------------------------------------------------------------------------------------------ named corpora
+
+
+def _named(tmp_path, monkeypatch, text: bytes, sha: str | None = None) -> tuple:
+    """A named corpus served from a local file:// URL (urllib's download path, no network), cached under tmp."""
+    import hashlib
+
+    served = tmp_path / "served.txt"
+    served.write_bytes(text)
+    spec = corpora.NamedCorpus(url=served.as_uri(), sha256=sha or hashlib.sha256(text).hexdigest(),
+                               filename="tiny.txt")
+    monkeypatch.setitem(corpora.NAMED, "tiny", spec)
+    monkeypatch.setattr(corpora, "named_cache_root", lambda: tmp_path / "cache")
+    return spec, tmp_path / "cache" / "tiny.txt"
+
+
+def test_named_corpus_downloads_once_and_checks_its_digest(tmp_path, monkeypatch) -> None:
+    _, cached = _named(tmp_path, monkeypatch, b"to be or not to be\n" * 50)
+    corpus = corpora.resolve_source("tiny")
+    assert cached.read_bytes() == b"to be or not to be\n" * 50
+    assert "".join(corpus.load().train_chunks()) == "to be or not to be\n" * 50
+    (tmp_path / "served.txt").unlink()  # a second use must not download again
+    assert corpora.resolve_source("tiny").fingerprint == corpus.fingerprint
+    cached.write_bytes(b"tampered")
+    with pytest.raises(UserError, match="SHA-256 .* delete it to download again"):
+        corpora.resolve_source("tiny")
+
+
+def test_named_corpus_offline_says_where_to_put_the_file(tmp_path, monkeypatch) -> None:
+    _, cached = _named(tmp_path, monkeypatch, b"x")
+    (tmp_path / "served.txt").unlink()
+    with pytest.raises(UserError, match=f"offline, save that file as {cached}"):
+        corpora.resolve_source("tiny")
+    assert not cached.exists() and not list(cached.parent.iterdir())  # no partial download left behind
+
+
+def test_tinyshakespeare_is_a_known_source() -> None:
+    assert corpora.NAMED["tinyshakespeare"].url.endswith("tinyshakespeare/input.txt")
+    with pytest.raises(UserError, match="--data=tinyshakespeare"):
+        corpora.resolve_source("shakespeare")

@@ -45,7 +45,7 @@ class WorldConfig:
     label_temperature: float = 0.5  # τ of the Bradley–Terry labeller, in r* std units
     classifier_scale: float = 1.0  # c: the scorer's sigmoid reaches 0.73 at s̄ + c·std(s)
     seed: int = 0  # the world itself (chain, word roles); fixed across run seeds by default
-    data: str = "text:../shared/data/tinyshakespeare.txt"  # lexicon: the corpus
+    data: str = "tinyshakespeare"  # lexicon: the corpus
     vocab_size: int = 256  # lexicon: PAD, EOS, UNK, the scorer's common words and the most frequent other words
     lexicon_min_count: int = 50  # lexicon: the scorer's words seen this often always get a token of their own
 
