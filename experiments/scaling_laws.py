@@ -90,6 +90,9 @@ flags.DEFINE_string("data", None, "override the tier's --data source (pystdlib |
 flags.DEFINE_string("data_cache", None, "token cache root (default ~/.cache/llmjax/data)")
 flags.DEFINE_string("mesh", "auto", "device mesh, e.g. data:8 or data:4,fsdp:2; auto: one device on CPU, else "
                     "data-parallel over the devices that divide the batch")
+flags.DEFINE_list("budgets", None, "override the tier's compute budgets in FLOPs, increasing, e.g. 1e11,3e11,1e12")
+flags.DEFINE_list("widths", None, "override the tier's width grid (model sizes at fixed depth), e.g. 8,16,32,64")
+flags.DEFINE_integer("sizes_per_budget", None, "override the tier's number of model sizes per budget", lower_bound=3)
 flags.DEFINE_bool("retry_failed", False, "rerun runs recorded as failed")
 flags.DEFINE_integer("workers", 1, "train runs in this many parallel processes (one CPU device each); on a "
                      "2-core CPU, 2 workers keep both cores busy with tiny models")
@@ -99,11 +102,24 @@ flags.DEFINE_list("verify_hash", [], "verify: run hashes to retrain (default: th
 flags.DEFINE_bool("measure", True, "plan: measure throughput if throughput.json is missing (else print no times)")
 
 
+SWEEP_OVERRIDES = ("data", "budgets", "widths", "sizes_per_budget")  # flags that replace a tier's field
+
+
 def sweep_config() -> plan.SweepConfig:
-    sweep = TIERS[FLAGS.tier]
-    if FLAGS.data:
-        sweep = dataclasses.replace(sweep, data=FLAGS.data)
-    return sweep.validate()
+    """The tier's sweep with --data / --budgets / --widths / --sizes_per_budget applied (a changed sweep hashes to
+    new runs, so it never mixes with the tier's recorded ones)."""
+    changes = {}
+    for name, parse in (("budgets", float), ("widths", int)):
+        if FLAGS[name].value is not None:
+            try:
+                changes[name] = tuple(parse(v) for v in FLAGS[name].value)
+            except ValueError:
+                raise UserError(f"--{name}={','.join(FLAGS[name].value)} is not a list of numbers: e.g. "
+                                f"--{name}={'1e11,3e11' if name == 'budgets' else '8,16,32'}") from None
+    for name in ("data", "sizes_per_budget"):
+        if FLAGS[name].value is not None:
+            changes[name] = FLAGS[name].value
+    return dataclasses.replace(TIERS[FLAGS.tier], **changes).validate()
 
 
 def workdir() -> str:
@@ -163,10 +179,17 @@ def plan_main(sweep: plan.SweepConfig) -> None:
         law = plan.prior_lr_law(sweep)
     specs = plan.plan_calibration(sweep) + plan.plan_sweep(sweep, law)
     table, _ = plan.dry_run_table(specs, tp, sweep.convention)
+    _write_json(os.path.join(workdir(), "plan.json"), {
+        "sweep": dataclasses.asdict(sweep),
+        "runs": [{"hash": s.run_hash(), "kind": s.kind, "budget": s.budget, "width": s.width,
+                  "n_total": sweep.n_total(s.width), "steps": s.steps, "tokens": s.tokens, "peak_lr": s.peak_lr,
+                  "est_seconds": tp.run_seconds(s) if tp else None} for s in specs],
+    })
     if tp:
         console(f"throughput: {tp.step_overhead_s * 1e3:.2f} ms/step + {1 / tp.s_per_flop / 1e9:.1f} GFLOP/s "
                 "(FLOPs with attention)")
     console(table)
+    console(f"wrote {os.path.join(workdir(), 'plan.json')}")
 
 
 def run_main(sweep: plan.SweepConfig) -> None:
@@ -206,7 +229,8 @@ def run_phase(phase: str, specs: list[plan.RunSpec], tp: plan.Throughput, store:
             _write_json(os.path.join(workdir(), f"worker{i}.json"), {"hashes": [s.run_hash() for s in share]})
             args = [sys.executable, "-m", "experiments.scaling_laws", f"--tier={FLAGS.tier}", f"--workdir={workdir()}",
                     "--action=run", f"--worker={i}", f"--phase={phase}", f"--retry_failed={FLAGS.retry_failed}"]
-            args += [f"--{name}={FLAGS[name].value}" for name in ("data", "data_cache") if FLAGS[name].value]
+            passed_on = (*SWEEP_OVERRIDES, "data_cache")
+            args += [FLAGS[name].serialize() for name in passed_on if FLAGS[name].value is not None]
             env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
             procs.append(subprocess.Popen(args, env=env))
         for proc in procs:

@@ -70,3 +70,21 @@ def test_smoke_tier_end_to_end_and_kill_resume(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for h in a:
         assert abs(a[h]["final_loss"] - b[h]["final_loss"]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_sweep_changed_from_the_command_line_shows_in_plan_json(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "experiments.scaling_laws", "--tier=cpu", "--action=plan", "--nomeasure",
+            f"--workdir={tmp_path}", "--budgets=1e11,3e11", "--widths=8,16,24,32,48,64", "--sizes_per_budget=4"]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    planned = json.loads((tmp_path / "plan.json").read_text())
+    assert planned["sweep"]["budgets"] == [1e11, 3e11] and planned["sweep"]["sizes_per_budget"] == 4
+    sweep = [r for r in planned["runs"] if r["kind"] == "sweep"]
+    assert {r["budget"] for r in sweep} == {1e11, 3e11}
+    for budget in (1e11, 3e11):
+        widths = [r["width"] for r in sweep if r["budget"] == budget]
+        assert len(widths) == 4 and set(widths) <= {8, 16, 24, 32, 48, 64}
+    assert all(r["steps"] > 0 and r["tokens"] > 0 for r in planned["runs"])
+    bad = subprocess.run(args[:-3] + ["--budgets=3e11,1e11"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "strictly increasing: fix --budgets" in bad.stderr.strip().splitlines()[-1]
