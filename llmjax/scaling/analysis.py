@@ -60,23 +60,13 @@ def _approach2_summary(runs: fits.Runs, n_boot: int, irreducible: float, irreduc
             budget_key(f.group): {
                 "n_star": f.n_star, "d_star": f.d_star, "c_star": f.c_star, "l_star": f.l_star,
                 "tokens_per_param": f.d_star / f.n_star, "interior": f.interior, "left": f.left, "right": f.right,
-                "coeffs": list(f.coeffs), "degenerate": _vertex_degenerate(f),
+                "coeffs": list(f.coeffs), "degenerate": f.degenerate,
             }
             for f in fit.fits
         },
     }
     out["holdout"] = fits.holdout(runs, irreducible_heldout) if len(np.unique(runs.group)) >= 3 else None
     return out
-
-
-def _vertex_degenerate(f: fits.IsoFlopFit) -> str | None:
-    if f.coeffs[0] <= 0:
-        return "no interior minimum: the IsoFLOP curve is not convex, N* is the best run"
-    if not f.bracketed:
-        return f"vertex outside the sizes run ({f.left} runs below it, {f.right} above): extrapolated"
-    if not f.interior:
-        return f"vertex at the edge of the sizes run ({f.left} below it, {f.right} above; needs 2 each side)"
-    return None
 
 
 def _approach3_fits(runs: fits.Runs, grid: dict | None) -> tuple[fits.Approach3, fits.Approach3 | None]:

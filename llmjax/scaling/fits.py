@@ -110,6 +110,17 @@ class IsoFlopFit:
         """Positive curvature and a vertex among the sizes run: a minimum seen, not extrapolated."""
         return self.coeffs[0] > 0 and self.left >= 1 and self.right >= 1
 
+    @property
+    def degenerate(self) -> str | None:
+        """Why this vertex is not an observed, well-supported minimum (None: it is)."""
+        if self.coeffs[0] <= 0:
+            return "no interior minimum: the IsoFLOP curve is not convex, N* is the best run"
+        if not self.bracketed:
+            return f"vertex outside the sizes run ({self.left} runs below it, {self.right} above): extrapolated"
+        if not self.interior:
+            return f"vertex at the edge of the sizes run ({self.left} below it, {self.right} above; needs 2 each side)"
+        return None
+
 
 def fit_isoflop(runs: Runs, group: float) -> IsoFlopFit:
     """The vertex of the parabola through one budget's runs; D* and C* interpolated log-linearly in log N there.
