@@ -34,7 +34,7 @@ Writes to --workdir: summary.json, curves.png (val loss vs step per arm) and pri
               ms_per_step (mean train step time, compile excluded; null for ft_none), stage, curve (step ->
               mean val loss), and for moe: expert_fraction_min / _max (per-layer share of routed tokens),
               dropped_fraction, dispatch_overhead_ms (moe step time minus llama's at equal active parameters)
-    checks    each acceptance claim of issue #8: value(s), target, met (bool); present when its arms ran
+    checks    each of the paper claims this experiment checks: value(s), target, met (bool); present when its arms ran
     config    the base model, steps, batch, learning rate, corpora, eval batches
     wall_time_s  this invocation (cached arms cost nothing)
 """
@@ -518,7 +518,7 @@ def summarize_arm(arm: str, records: list[dict]) -> dict:
 
 
 def checks(arms: dict) -> dict:
-    """Issue #8's acceptance claims, each with the measured value and whether it is met (only for arms that ran)."""
+    """The claims checked here, each with the measured value and whether it is met (only for arms that ran)."""
     out: dict[str, dict] = {}
 
     def have(*names: str) -> bool:
